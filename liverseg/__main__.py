@@ -1,0 +1,6 @@
+"""``python -m liverseg`` (also what ``torchrun -m liverseg train`` runs)."""
+
+from liverseg.cli import app
+
+if __name__ == "__main__":
+    app()

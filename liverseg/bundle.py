@@ -1,0 +1,143 @@
+"""Model bundles: a folder holding everything inference needs and nothing else.
+
+Layout::
+
+    BUNDLE/
+      model.pt          network weights (a state_dict; float16 on disk, float32 in memory)
+      plan.json         the recipe: preprocess (spacing, orientation, intensity), model, infer,
+                        postprocess, labels, plus "bundle_format"
+      model_card.json   provenance: data, command, measured Dice and speed, licence
+      model_card.md     the same for people (optional)
+
+A training run directory is itself a bundle, so ``liverseg infer --model RUN_DIR`` works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from liverseg.config import Config
+from liverseg.errors import LiversegError
+from liverseg.io import atomic_path, write_text_atomic
+from liverseg.networks import build_network
+
+BUNDLE_FORMAT = 1
+WEIGHTS_FILE = "model.pt"
+PLAN_FILE = "plan.json"
+CARD_FILE = "model_card.json"
+CARD_MD_FILE = "model_card.md"
+PACKAGED_MODELS = Path(__file__).parent / "models"
+DEFAULT_MODEL = "liver_default"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    plan: Config
+    network: nn.Module
+    card: dict = field(default_factory=dict)
+    weights_sha256: str = ""
+
+    @property
+    def model_id(self) -> str:
+        return str(self.card.get("name") or self.path.name)
+
+    @property
+    def model_version(self) -> str:
+        return str(self.card.get("version", "")) or self.weights_sha256[:12]
+
+
+def save_bundle(directory: str | Path, plan: Config, state_dict: dict[str, torch.Tensor],
+                card: dict | None = None, card_markdown: str | None = None) -> Path:
+    """Write a bundle (each file atomically). Weights are stored as float16 to keep bundles small."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    compact = {k: (v.detach().to("cpu").half() if v.is_floating_point() else v.detach().to("cpu"))
+               for k, v in state_dict.items()}
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        torch.save(compact, tmp)
+    plan_data = {"bundle_format": BUNDLE_FORMAT, **plan.model_dump(mode="json")}
+    write_text_atomic(out / PLAN_FILE, json.dumps(plan_data, indent=2) + "\n")
+    if card is not None:
+        write_text_atomic(out / CARD_FILE, json.dumps(card, indent=2) + "\n")
+    if card_markdown is not None:
+        write_text_atomic(out / CARD_MD_FILE, card_markdown)
+    return out
+
+
+def read_plan(directory: str | Path) -> Config:
+    path = Path(directory) / PLAN_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LiversegError("not a model bundle (no plan.json); pass a bundle folder made by "
+                            "'liverseg train' or omit --model to use the shipped model",
+                            directory) from None
+    except json.JSONDecodeError as exc:
+        raise LiversegError(f"plan.json is not valid JSON ({exc})", path) from None
+    version = data.pop("bundle_format", None)
+    if version != BUNDLE_FORMAT:
+        raise LiversegError(f"bundle format {version!r} is not supported (expected "
+                            f"{BUNDLE_FORMAT}); upgrade liverseg or retrain", path)
+    try:
+        return Config.model_validate(data)
+    except Exception as exc:  # pydantic ValidationError: a damaged or foreign plan
+        raise LiversegError(f"plan.json does not describe a liverseg model ({exc.__class__.__name__})",
+                            path) from None
+
+
+def default_bundle_path() -> Path:
+    return PACKAGED_MODELS / DEFAULT_MODEL
+
+
+def installed_bundles() -> list[Path]:
+    """Bundles shipped inside the package."""
+    if not PACKAGED_MODELS.is_dir():
+        return []
+    return sorted(p for p in PACKAGED_MODELS.iterdir() if (p / PLAN_FILE).is_file())
+
+
+def load_bundle(directory: str | Path | None = None, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle (default: the one shipped in the package) with its network in eval mode."""
+    path = Path(directory) if directory is not None else default_bundle_path()
+    if not path.exists():
+        if directory is None:
+            raise LiversegError("no model is shipped with this installation; pass --model BUNDLE "
+                                "(a folder made by 'liverseg train')", path)
+        raise LiversegError("model bundle not found; check the --model path", path)
+    if not path.is_dir():
+        raise LiversegError("model bundle must be a folder holding plan.json and model.pt", path)
+    plan = read_plan(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise LiversegError(f"model bundle has no {WEIGHTS_FILE}; it is incomplete, re-export it", path)
+    raw = weights.read_bytes()
+    try:
+        state = torch.load(_io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign pickle
+        raise LiversegError(f"cannot load weights ({exc.__class__.__name__}); the file is damaged",
+                            weights) from None
+    network = build_network(plan.model)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        network.load_state_dict(state)
+    except RuntimeError:
+        raise LiversegError("weights do not match the network described in plan.json", weights) \
+            from None
+    network.eval().to(device)
+    card: dict = {}
+    card_path = path / CARD_FILE
+    if card_path.is_file():
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            card = {}
+    return Bundle(path=path, plan=plan, network=network, card=card,
+                  weights_sha256=hashlib.sha256(raw).hexdigest())

@@ -1,0 +1,187 @@
+"""Typed configuration: YAML recipes in ``configs/`` validated into pydantic models.
+
+Configuration is plain data. Unknown keys are errors (a typo must not be silently ignored), and
+command-line overrides use dotted keys: ``--set train.iterations=200``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from liverseg.errors import LiversegError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Triple = tuple[float, float, float]
+IntTriple = tuple[int, int, int]
+
+
+class IntensityConfig(_Strict):
+    """How HU become network input.
+
+    ``window``: clip to [lower, upper] HU and scale to [0, 1] (MONAI ScaleIntensityRange).
+    ``zscore``: clip to [lower, upper] (foreground percentiles from the fingerprint) then
+    subtract ``mean`` and divide by ``std`` (nnU-Net's CT normalisation).
+    """
+
+    mode: Literal["window", "zscore"] = "window"
+    lower: float = -175.0
+    upper: float = 250.0
+    mean: float | None = None
+    std: float | None = None
+
+    @field_validator("upper")
+    @classmethod
+    def _ordered(cls, upper: float, info: Any) -> float:
+        lower = info.data.get("lower")
+        if lower is not None and upper <= lower:
+            raise ValueError(f"intensity.upper ({upper}) must exceed intensity.lower ({lower})")
+        return upper
+
+
+class PreprocessConfig(_Strict):
+    """Native CT -> model space. Saved into every bundle's plan.json."""
+
+    orientation: Literal["RAS"] = "RAS"
+    target_spacing: Triple = (3.0, 3.0, 3.0)
+    intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    crop_body: bool = True
+    body_threshold_hu: float = -500.0
+    crop_margin_vox: int = 2
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _positive(cls, spacing: Triple) -> Triple:
+        if min(spacing) <= 0:
+            raise ValueError(f"target_spacing must be positive, got {spacing}")
+        return spacing
+
+
+class ModelConfig(_Strict):
+    """The network, chosen by name; sizes come from here so CPU and GPU models share code."""
+
+    name: Literal["dynunet", "vnet"] = "dynunet"
+    in_channels: int = 1
+    out_channels: int = 3
+    filters: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    kernel_size: list[int] = Field(default_factory=lambda: [3, 3, 3, 3, 3])
+    strides: list[int] = Field(default_factory=lambda: [1, 2, 2, 2, 2])
+    res_block: bool = True
+    deep_supervision: bool = True
+    deep_supr_num: int = 2
+    norm: Literal["instance", "batch"] = "instance"
+    dropout: float = 0.0
+
+
+class TrainConfig(_Strict):
+    iterations: int = Field(default=1000, ge=1)
+    val_every: int = Field(default=100, ge=1)
+    patch_size: IntTriple = (96, 96, 96)
+    batch_size: int = Field(default=2, ge=1)
+    seed: int = 0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = 1e-5
+    momentum: float = 0.99
+    lr_schedule: Literal["poly", "constant"] = "poly"
+    poly_power: float = 0.9
+    grad_clip: float = 12.0
+    pos_fraction: float = Field(default=0.67, ge=0.0, le=1.0)
+    class_weights: list[float] | None = None
+    augment: bool = True
+    num_workers: int = Field(default=0, ge=0)
+    cache_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    amp: bool = True  # used on CUDA only
+    deterministic: bool = False
+    checkpoint_every: int = Field(default=100, ge=1)
+
+
+class InferConfig(_Strict):
+    roi_size: IntTriple = (128, 128, 128)
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    sw_batch_size: int = Field(default=1, ge=1)
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    tta: bool = False
+
+
+class PostprocessConfig(_Strict):
+    largest_component: bool = True
+    fill_holes: bool = True
+    tumour_inside_liver: bool = True
+
+
+class Config(_Strict):
+    """A whole recipe: what ``liverseg train`` reads and what a bundle's plan records."""
+
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    labels: dict[int, str] = Field(default_factory=lambda: {0: "background", 1: "liver", 2: "tumour"})
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as YAML (so 3, 0.5, true, [1,2,3] get their types)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides to a nested dict, refusing keys the schema lacks."""
+    for item in overrides:
+        if "=" not in item:
+            raise LiversegError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: dict = data
+        model: type[BaseModel] | None = Config
+        for depth, part in enumerate(parts):
+            fields = model.model_fields if model is not None else {}
+            if part not in fields:
+                where = ".".join(parts[:depth]) or "the config"
+                known = ", ".join(sorted(fields))
+                raise LiversegError(f"unknown setting '{key}': '{part}' is not in {where} "
+                                    f"(known: {known})")
+            annotation = fields[part].annotation
+            if depth == len(parts) - 1:
+                node[part] = _parse_value(raw)
+            else:
+                if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                    raise LiversegError(f"unknown setting '{key}': '{part}' has no sub-keys")
+                node = node.setdefault(part, {})
+                model = annotation
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or the defaults) and apply dotted overrides; errors are one line."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise LiversegError("config file not found; give a YAML file such as configs/default.yaml", p)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise LiversegError(f"config is not valid YAML ({str(exc).splitlines()[0]})", p) \
+                from None
+        if not isinstance(data, dict):
+            raise LiversegError("config must be a mapping of sections (preprocess, model, ...)", p)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        source = f"{path}: " if path else ""
+        raise LiversegError(f"{source}bad config value at '{where}': {first['msg']}") from None

@@ -1,0 +1,223 @@
+"""Native CT grid <-> model space, and back, exactly.
+
+Model space is the input's voxel grid reoriented to RAS (a permutation/flip of axes, so oblique
+inputs stay oblique and nothing is interpolated by it), resampled to the plan's spacing and
+cropped to the body. :class:`SpatialRecord` holds everything needed to put model-space arrays
+(labels or class probabilities) back onto the original grid, and is plain data for JSON sidecars.
+
+Resampling keeps the two grids' extents identical (voxel-corner alignment, ``align_corners=False``):
+the model grid's voxel centres lie at ``(i + 0.5) * native_shape / model_shape - 0.5`` in native
+voxel units, which the inverse uses as is. Downsampling averages (area), which anti-aliases;
+upsampling is trilinear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from scipy import ndimage
+
+from liverseg.config import IntensityConfig, PreprocessConfig
+from liverseg.io import Volume, spacing_of
+
+
+@dataclass
+class SpatialRecord:
+    """How a native grid became the model grid (everything needed to undo it)."""
+
+    native_shape: list[int]
+    native_affine: list[list[float]]
+    to_canonical: list[list[float]]  # nibabel orientation transform native -> RAS
+    canonical_shape: list[int]
+    resampled_shape: list[int]
+    crop_box: list[list[int]]  # [[start, stop], ...] in the resampled grid
+    model_affine: list[list[float]]
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in self.crop_box)  # type: ignore[return-value]
+
+    @property
+    def model_spacing(self) -> tuple[float, float, float]:
+        return spacing_of(np.asarray(self.model_affine))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SpatialRecord:
+        return cls(**data)
+
+
+def resize(array: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Resize a (C, X, Y, Z) float tensor to ``shape`` with aligned grid extents.
+
+    Axes that shrink are area-averaged first (anti-aliasing), axes that grow are then
+    interpolated trilinearly; both use the same voxel-corner alignment.
+    """
+    src = tuple(array.shape[1:])
+    shape = tuple(int(s) for s in shape)
+    if src == shape:
+        return array
+    x = array.unsqueeze(0)
+    shrunk = tuple(min(s, t) for s, t in zip(src, shape, strict=True))
+    if shrunk != src:
+        x = F.adaptive_avg_pool3d(x, shrunk)
+    if shrunk != shape:
+        x = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
+    return x[0]
+
+
+def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...],
+                    target: tuple[float, ...]) -> tuple[int, int, int]:
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target, strict=True))  # type: ignore[return-value]
+
+
+def normalise_intensity(hu: np.ndarray | torch.Tensor, cfg: IntensityConfig) -> torch.Tensor:
+    """HU -> network input, as float32 (window to [0, 1], or clipped z-score)."""
+    x = torch.as_tensor(hu, dtype=torch.float32)
+    x = x.clamp(cfg.lower, cfg.upper)
+    if cfg.mode == "window":
+        return (x - cfg.lower) / (cfg.upper - cfg.lower)
+    if cfg.mean is None or cfg.std is None or cfg.std <= 0:
+        raise ValueError("intensity.mode zscore needs mean and std (take them from the fingerprint)")
+    return (x - cfg.mean) / cfg.std
+
+
+def _body_box(hu: torch.Tensor, cfg: PreprocessConfig) -> list[list[int]]:
+    """Bounding box (with margin) of the largest connected region above the body threshold."""
+    shape = tuple(hu.shape)
+    full = [[0, n] for n in shape]
+    if not cfg.crop_body:
+        return full
+    body = (hu > cfg.body_threshold_hu).numpy()
+    # An opening detaches the table and thin clothing from the body before picking the largest.
+    body = ndimage.binary_opening(body, iterations=1)
+    labels, count = ndimage.label(body)
+    if count == 0:
+        return full
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    slices = ndimage.find_objects((labels == int(sizes.argmax())).astype(np.int32))[0]
+    m = cfg.crop_margin_vox
+    return [[max(0, s.start - m), min(n, s.stop + m)] for s, n in zip(slices, shape, strict=True)]
+
+
+def _affine_after_resize(affine: np.ndarray, src: tuple[int, ...], dst: tuple[int, ...]) -> np.ndarray:
+    scale = np.array(src, dtype=np.float64) / np.array(dst, dtype=np.float64)
+    index_map = np.eye(4)
+    index_map[:3, :3] = np.diag(scale)
+    index_map[:3, 3] = (scale - 1.0) / 2.0
+    return affine @ index_map
+
+
+def _affine_after_crop(affine: np.ndarray, box: list[list[int]]) -> np.ndarray:
+    shift = np.eye(4)
+    shift[:3, 3] = [start for start, _ in box]
+    return affine @ shift
+
+
+def plan_geometry(volume: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Orientation transform to RAS and the shape after reorientation."""
+    transform = ornt_transform(io_orientation(volume.affine), axcodes2ornt(tuple(cfg.orientation)))
+    # apply_orientation on a zero-stride dummy gives the permuted shape without allocating.
+    dummy = np.broadcast_to(np.zeros((), dtype=np.bool_), volume.shape)
+    return transform, tuple(int(n) for n in apply_orientation(dummy, transform).shape)
+
+
+def to_model_space(volume: Volume, cfg: PreprocessConfig) -> tuple[torch.Tensor, SpatialRecord]:
+    """CT in HU -> (1, X, Y, Z) normalised float32 tensor in model space, and its record."""
+    transform, canonical_shape = plan_geometry(volume, cfg)
+    canonical = np.ascontiguousarray(apply_orientation(volume.array, transform), dtype=np.float32)
+    canonical_affine = volume.affine @ nib.orientations.inv_ornt_aff(transform, volume.shape)
+    target_shape = resampled_shape(canonical_shape, spacing_of(canonical_affine), cfg.target_spacing)
+    hu = resize(torch.from_numpy(canonical)[None], target_shape)[0]
+    box = _body_box(hu, cfg)
+    hu = hu[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]]
+    image = normalise_intensity(hu, cfg.intensity)[None].contiguous()
+    model_affine = _affine_after_crop(
+        _affine_after_resize(canonical_affine, canonical_shape, target_shape), box)
+    record = SpatialRecord(
+        native_shape=list(volume.shape),
+        native_affine=np.asarray(volume.affine, dtype=np.float64).tolist(),
+        to_canonical=transform.tolist(),
+        canonical_shape=list(canonical_shape),
+        resampled_shape=list(target_shape),
+        crop_box=box,
+        model_affine=model_affine.tolist(),
+    )
+    return image, record
+
+
+def argmax_channels(probs: torch.Tensor) -> torch.Tensor:
+    """Argmax over the first (channel) axis as uint8.
+
+    A running comparison over the few channels; torch's argmax over a leading axis of a
+    large 3D volume is about 20x slower on CPU. Ties go to the lower class, as with argmax.
+    """
+    best = probs[0].clone()
+    labels = torch.zeros(probs.shape[1:], dtype=torch.uint8)
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        labels[better] = c
+        torch.maximum(best, probs[c], out=best)
+    return labels
+
+
+def label_to_model_space(label: np.ndarray, record: SpatialRecord, num_classes: int) -> np.ndarray:
+    """A native label map -> model space labels (uint8), resampled through one-hot channels.
+
+    Averaging one-hot channels and taking the argmax is a majority vote when downsampling and
+    avoids the holes and stair-steps that nearest-neighbour sampling leaves in thin structures.
+    """
+    probs = label_to_model_probabilities(label, record, num_classes)
+    return argmax_channels(probs).numpy()
+
+
+def label_to_model_probabilities(label: np.ndarray, record: SpatialRecord,
+                                 num_classes: int) -> torch.Tensor:
+    transform = np.asarray(record.to_canonical)
+    canonical = np.ascontiguousarray(apply_orientation(label, transform))
+    lab = torch.from_numpy(canonical.astype(np.int64))
+    probs = torch.stack([(lab == c).to(torch.float32) for c in range(num_classes)])
+    probs = resize(probs, tuple(record.resampled_shape))
+    (x0, x1), (y0, y1), (z0, z1) = record.crop_box
+    return probs[:, x0:x1, y0:y1, z0:z1].contiguous()
+
+
+def _canonical_probabilities(probs: torch.Tensor, record: SpatialRecord) -> torch.Tensor:
+    """(C, model grid) -> (C, reoriented native grid), background outside the body crop."""
+    num_classes = probs.shape[0]
+    full = torch.zeros((num_classes, *record.resampled_shape), dtype=probs.dtype)
+    full[0] = 1.0  # outside the body crop there is only background
+    (x0, x1), (y0, y1), (z0, z1) = record.crop_box
+    full[:, x0:x1, y0:y1, z0:z1] = probs
+    return resize(full, tuple(record.canonical_shape))
+
+
+def _from_canonical(array: np.ndarray, record: SpatialRecord) -> np.ndarray:
+    """Undo the reorientation of a 3D array: canonical (RAS) axes -> the input's own axes."""
+    native_ornt = io_orientation(np.asarray(record.native_affine))
+    back = ornt_transform(axcodes2ornt("RAS"), native_ornt)
+    return np.ascontiguousarray(apply_orientation(array, back))
+
+
+def probabilities_to_native(probs: torch.Tensor, record: SpatialRecord) -> torch.Tensor:
+    """(C, model grid) class probabilities -> (C, native grid)."""
+    canonical = _canonical_probabilities(probs, record).numpy()
+    return torch.from_numpy(np.stack([_from_canonical(c, record) for c in canonical]))
+
+
+def labels_to_native(probs: torch.Tensor, record: SpatialRecord) -> np.ndarray:
+    """(C, model grid) probabilities -> uint8 labels on the native grid.
+
+    Probabilities (not model-resolution labels) are resampled, then the argmax is taken; the
+    reorientation is a pure axis permutation/flip, so it is applied to the cheap uint8 result.
+    """
+    canonical = argmax_channels(_canonical_probabilities(probs, record)).numpy()
+    return _from_canonical(canonical, record)

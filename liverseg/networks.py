@@ -1,0 +1,59 @@
+"""Networks chosen by name from the config: MONAI parts, sized by the plan."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from liverseg.config import ModelConfig
+from liverseg.errors import LiversegError
+
+
+def build_network(cfg: ModelConfig) -> nn.Module:
+    """A residual 3D U-Net with deep supervision (MONAI DynUNet) or a V-Net (MONAI VNet).
+
+    DynUNet in training mode returns a (B, 1 + deep_supr_num, C, X, Y, Z) stack: the main output
+    followed by the deep-supervision heads, all upsampled to the input size; in eval mode it
+    returns the main output only.
+    """
+    if cfg.name == "dynunet":
+        from monai.networks.nets import DynUNet
+
+        levels = len(cfg.filters)
+        if not (len(cfg.kernel_size) == len(cfg.strides) == levels):
+            raise LiversegError(
+                f"model.filters, model.kernel_size and model.strides need one entry per level "
+                f"(got {levels}, {len(cfg.kernel_size)}, {len(cfg.strides)})")
+        if cfg.deep_supervision and not 1 <= cfg.deep_supr_num <= levels - 2:
+            raise LiversegError(
+                f"model.deep_supr_num must be between 1 and {levels - 2} for {levels} levels")
+        norm = ("INSTANCE", {"affine": True}) if cfg.norm == "instance" else "BATCH"
+        return DynUNet(
+            spatial_dims=3,
+            in_channels=cfg.in_channels,
+            out_channels=cfg.out_channels,
+            kernel_size=cfg.kernel_size,
+            strides=cfg.strides,
+            upsample_kernel_size=cfg.strides[1:],
+            filters=cfg.filters,
+            dropout=cfg.dropout or None,
+            norm_name=norm,
+            deep_supervision=cfg.deep_supervision,
+            deep_supr_num=cfg.deep_supr_num,
+            res_block=cfg.res_block,
+        )
+    if cfg.name == "vnet":
+        from monai.networks.nets import VNet
+
+        return VNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                    dropout_prob_down=cfg.dropout, dropout_prob_up=(cfg.dropout, cfg.dropout))
+    raise LiversegError(f"unknown model.name '{cfg.name}' (choose dynunet or vnet)")
+
+
+def network_stride(cfg: ModelConfig) -> int:
+    """The factor every input side must be divisible by (product of the strides)."""
+    if cfg.name == "vnet":
+        return 16
+    total = 1
+    for s in cfg.strides:
+        total *= s
+    return total
