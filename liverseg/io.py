@@ -26,6 +26,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+# ITK prints warnings (e.g. 'No Series were found') straight to stderr; liverseg reports problems
+# itself as one-line errors, so keep stderr clean.
+sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
 
 @dataclass
