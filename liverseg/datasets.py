@@ -62,6 +62,10 @@ def find_dataset(path: str | Path, require_labels: bool = False) -> Dataset:
         dataset = _from_image_label_folders(root / "imagesTr", root / "labelsTr", root, "msd")
     else:
         dataset = _from_lits(root) or _from_folder(root)
+    if not dataset.cases and root.is_dir() and _looks_like_dicom(root):
+        raise LiversegError(
+            "folder holds DICOM-like files but no readable DICOM image series; point to a folder of "
+            "CT slices, or check that the files are complete DICOM images", root)
     if not dataset.cases:
         raise LiversegError(
             "no cases found; expected an MSD/nnU-Net dataset (dataset.json, imagesTr/, labelsTr/), "
@@ -76,6 +80,11 @@ def find_dataset(path: str | Path, require_labels: bool = False) -> Dataset:
         raise LiversegError(f"case names are not unique ({', '.join(duplicates[:5])}); "
                             "rename the files so each case has its own name", root)
     return dataset
+
+
+def _looks_like_dicom(folder: Path) -> bool:
+    """Files named *.dcm or without a suffix (as DICOM exporters write them), none of them images."""
+    return any(p.is_file() and (p.suffix.lower() in {".dcm", ".ima", ""}) for p in folder.iterdir())
 
 
 def _labels_from_json(data: dict) -> dict[int, str]:
