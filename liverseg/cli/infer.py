@@ -1,10 +1,70 @@
-"""`liverseg infer` (not yet available)."""
+"""`liverseg infer INPUT... [-o OUT]`: segment liver and tumours, masks on the input's grid."""
 
 from __future__ import annotations
 
-from liverseg.cli.common import not_yet
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from liverseg.cli.common import EXIT_BAD_INPUT, emit_json, friendly_errors, progress
+
+if TYPE_CHECKING:
+    from liverseg.infer import CaseJob, CaseResult
 
 
-def command() -> None:
-    """Not yet available."""
-    not_yet("infer")
+@friendly_errors
+def command(
+    inputs: list[Path] = typer.Argument(..., help="CT files (NIfTI, NRRD, MHA), DICOM series "
+                                        "folders, or folders of those."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Mask file (.nii/.nii.gz, one "
+                                       "input only) or output folder [default: ./liverseg_out/]."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder "
+                                      "[default: the model shipped with liverseg]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overlap: float | None = typer.Option(None, "--overlap", min=0.0, max=0.95,
+                                         help="Sliding-window overlap [default: the model's plan]."),
+    sw_batch_size: int | None = typer.Option(None, "--sw-batch-size", min=1,
+                                             help="Windows per forward pass [default: the plan]."),
+    tta: bool | None = typer.Option(None, "--tta/--no-tta", help="Average over flips (4x slower) "
+                                    "[default: the model's plan]."),
+    postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess",
+                                     help="Keep the largest liver, fill holes, tumour in liver."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities",
+                                            help="Also write <case>_probabilities.nii.gz."),
+    preview: bool = typer.Option(False, "--preview", help="Also write <case>.png (three slices, "
+                                 "mask outlined)."),
+    shard: str | None = typer.Option(None, "--shard", metavar="I/N", help="Process every N-th case "
+                                     "starting at I (0-based), for cluster job arrays."),
+    force: bool = typer.Option(False, "--force", help="Redo cases already finished."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Segment the liver (1) and liver tumours (2); each mask lands on its input's exact grid.
+
+    Beside each mask a JSON sidecar records liver and tumour volume (mL), mean liver HU, seconds
+    per stage and the model. Finished cases are skipped (--force redoes them); a bad case is
+    reported and the batch goes on; the exit code is 2 if any case failed.
+    """
+    from liverseg.infer import parse_shard, run_inference
+
+    def bar(items: Iterable[CaseJob], total: int) -> Iterable[CaseJob]:
+        return progress(items, total=total, desc="infer", quiet=quiet or as_json)
+
+    def report_error(result: CaseResult) -> None:
+        typer.echo(f"error: {result.error}", err=True)
+
+    report = run_inference(
+        list(inputs), output, model=model, device=device, overlap=overlap, tta=tta,
+        sw_batch_size=sw_batch_size, save_probabilities=save_probabilities, preview=preview,
+        shard=parse_shard(shard), force=force, postprocess=postprocess, progress=bar,
+        on_error=report_error)
+    if as_json:
+        emit_json(report.to_dict())
+    elif not quiet and len(report.cases) > 1:
+        typer.echo(f"infer: {report.summary()}", err=True)
+    elif not quiet and report.done:
+        typer.echo(f"wrote {report.done[0].output}", err=True)
+    if not report.ok:
+        raise typer.Exit(EXIT_BAD_INPUT)
