@@ -6,12 +6,12 @@ import time
 
 import numpy as np
 import pytest
+from conftest import shared_file
 from scipy import ndimage
 
 from liverseg.config import PostprocessConfig
 from liverseg.io import read_label
 from liverseg.postprocess import LIVER, TUMOUR, postprocess_labels
-from conftest import shared_file
 
 ALL_ON = PostprocessConfig()
 ALL_OFF = PostprocessConfig(largest_component=False, fill_holes=False, tumour_inside_liver=False)
