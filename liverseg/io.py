@@ -183,7 +183,8 @@ def _read_nifti(path: Path, dtype: type | None) -> Volume:
             array = np.asarray(image.get_fdata(dtype=np.float32))
     except LiversegError:
         raise
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
+            nib.filebasedimages.ImageFileError) as exc:
         raise LiversegError(
             f"cannot read NIfTI ({type(exc).__name__}: {exc}); the file is corrupt or "
             "truncated, re-export or re-download it",

@@ -227,6 +227,9 @@ def _fingerprint_job(case: Case, labels: dict[int, str], cache_dir: str) -> dict
     except MemoryError:
         return {"case_id": case.case_id, "error": f"{case.image}: out of memory reading this case; "
                 "free memory or run with fewer --workers"}
+    except Exception as exc:  # a bug must not sink the whole batch; report it with the case
+        return {"case_id": case.case_id, "error": f"{case.image}: unexpected {type(exc).__name__}: "
+                f"{exc}; please report this with the file"}
     _save_sample(Path(cache_dir), case.case_id, sample)
     return {"case_id": case.case_id, "entry": entry, "sample": sample}
 
@@ -242,6 +245,9 @@ def _case_job(case: Case, cfg_json: dict, labels: dict[int, str], cache_dir: str
     except MemoryError:
         return {"case_id": case.case_id, "error": f"{case.image}: out of memory preprocessing this "
                 "case; free memory, run with fewer --workers or a coarser target_spacing"}
+    except Exception as exc:  # a bug must not sink the whole batch; report it with the case
+        return {"case_id": case.case_id, "error": f"{case.image}: unexpected {type(exc).__name__}: "
+                f"{exc}; please report this with the file"}
     sidecar["config_hash"] = config_hash
     arrays = {"image": image} if label is None else {"image": image, "label": label}
     npz_path, json_path = case_paths(cache, case.case_id)
