@@ -122,6 +122,23 @@ def _affine_after_crop(affine: np.ndarray, box: list[list[int]]) -> np.ndarray:
     return affine @ shift
 
 
+def native_order(shape: tuple[int, ...], transform: np.ndarray) -> tuple[int, int, int]:
+    """A canonical-order shape in the native axis order (``transform`` maps native -> canonical)."""
+    return tuple(int(shape[int(transform[i, 0])]) for i in range(3))  # type: ignore[return-value]
+
+
+def resize_native(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Resize a 3D float32 array to ``shape`` (as :func:`resize`), whatever its memory order.
+
+    nibabel gives Fortran-ordered arrays; their transpose is a C-ordered view, and resizing that
+    view (with the shape reversed) avoids a full-size copy and is about 3x faster.
+    """
+    if array.flags.f_contiguous and not array.flags.c_contiguous:
+        out = resize(torch.from_numpy(array.T)[None], tuple(reversed(shape)))[0]
+        return out.numpy().T
+    return resize(torch.from_numpy(np.ascontiguousarray(array))[None], tuple(shape))[0].numpy()
+
+
 def plan_geometry(volume: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, ...]]:
     """Orientation transform to RAS and the shape after reorientation."""
     transform = ornt_transform(io_orientation(volume.affine), axcodes2ornt(tuple(cfg.orientation)))
@@ -133,10 +150,14 @@ def plan_geometry(volume: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, tu
 def to_model_space(volume: Volume, cfg: PreprocessConfig) -> tuple[torch.Tensor, SpatialRecord]:
     """CT in HU -> (1, X, Y, Z) normalised float32 tensor in model space, and its record."""
     transform, canonical_shape = plan_geometry(volume, cfg)
-    canonical = np.ascontiguousarray(apply_orientation(volume.array, transform), dtype=np.float32)
     canonical_affine = volume.affine @ nib.orientations.inv_ornt_aff(transform, volume.shape)
     target_shape = resampled_shape(canonical_shape, spacing_of(canonical_affine), cfg.target_spacing)
-    hu = resize(torch.from_numpy(canonical)[None], target_shape)[0]
+    # Resize first, then reorient the small result: both resizes are separable and symmetric under
+    # axis flips, so the order does not matter, and reorienting (copying) a full-size volume with
+    # flipped strides costs more than the resampling itself.
+    small = resize_native(np.asarray(volume.array, dtype=np.float32),
+                          native_order(target_shape, transform))
+    hu = torch.from_numpy(np.ascontiguousarray(apply_orientation(small, transform)))
     box = _body_box(hu, cfg)
     hu = hu[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]]
     image = normalise_intensity(hu, cfg.intensity)[None].contiguous()
@@ -182,12 +203,22 @@ def label_to_model_space(label: np.ndarray, record: SpatialRecord, num_classes: 
 def label_to_model_probabilities(label: np.ndarray, record: SpatialRecord,
                                  num_classes: int) -> torch.Tensor:
     transform = np.asarray(record.to_canonical)
-    canonical = np.ascontiguousarray(apply_orientation(label, transform))
-    lab = torch.from_numpy(canonical.astype(np.int64))
-    probs = torch.stack([(lab == c).to(torch.float32) for c in range(num_classes)])
-    probs = resize(probs, tuple(record.resampled_shape))
+    target = native_order(tuple(record.resampled_shape), transform)
     (x0, x1), (y0, y1), (z0, z1) = record.crop_box
-    return probs[:, x0:x1, y0:y1, z0:z1].contiguous()
+    label = np.asarray(label)
+    # One foreground channel at a time, resized in the native axis order and reoriented when
+    # small (see to_model_space): the peak is one native-size float channel, not all of them.
+    # Background is 1 - the rest, exactly, since area averaging and linear interpolation are linear.
+    channels = []
+    for c in range(1, num_classes):
+        onehot = resize_native((label == c).astype(np.float32), target)
+        canonical = np.ascontiguousarray(apply_orientation(onehot, transform))
+        channels.append(torch.from_numpy(canonical)[x0:x1, y0:y1, z0:z1])
+    if channels:
+        background = (1.0 - torch.stack(channels).sum(0)).clamp_(0.0, 1.0)
+    else:
+        background = torch.ones(tuple(b - a for a, b in record.crop_box))
+    return torch.stack([background, *channels]).contiguous()
 
 
 def _canonical_probabilities(probs: torch.Tensor, record: SpatialRecord) -> torch.Tensor:
