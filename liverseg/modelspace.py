@@ -103,7 +103,7 @@ def _body_box(hu: torch.Tensor, cfg: PreprocessConfig) -> list[list[int]]:
         return full
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    slices = ndimage.find_objects((labels == int(sizes.argmax())).astype(np.int32))[0]
+    slices = ndimage.find_objects(labels)[int(sizes.argmax()) - 1]  # boxes of all, no mask copy
     m = cfg.crop_margin_vox
     return [[max(0, s.start - m), min(n, s.stop + m)] for s, n in zip(slices, shape, strict=True)]
 
