@@ -101,6 +101,9 @@ class TrainConfig(_Strict):
     amp: bool = True  # used on CUDA only
     deterministic: bool = False
     checkpoint_every: int = Field(default=100, ge=1)
+    # Wall-clock budget: stop early (and still write the bundle) once this many seconds have
+    # passed; None trains for all iterations. Timed runs are not reproducible step for step.
+    max_seconds: float | None = Field(default=None, gt=0)
 
 
 class InferConfig(_Strict):

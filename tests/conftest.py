@@ -29,3 +29,84 @@ def liver_dataset() -> Path:
 def _few_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     # CI has 2 cores: keep torch from oversubscribing them when tests spawn subprocesses.
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+
+
+# --- A small trained model, shared by the train, infer and score tests ---------------------------
+
+TRAINED_CASE = "ircadb07"
+
+
+def crop_case_to_liver(image_path: Path, label_path: Path, out_dir: Path, case_id: str,
+                       margin_mm: float = 15.0) -> None:
+    """Write an MSD-layout dataset holding one real case cropped (on its native grid, no resampling)
+    to the liver's bounding box plus a margin; the affine is shifted so geometry stays exact."""
+    import json
+
+    import numpy as np
+
+    from liverseg.io import Volume, read_ct, read_label, save_volume
+
+    image, label = read_ct(image_path), read_label(label_path)
+    where = np.argwhere(label.array > 0)
+    margin = np.ceil(margin_mm / np.asarray(image.spacing)).astype(int)
+    lo = np.maximum(where.min(0) - margin, 0)
+    hi = np.minimum(where.max(0) + 1 + margin, image.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    affine = image.affine.copy()
+    affine[:3, 3] = image.affine[:3, :3] @ lo + image.affine[:3, 3]
+    for sub, vol in (("imagesTr", image), ("labelsTr", label)):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        save_volume(Volume(np.ascontiguousarray(vol.array[box]), affine), out_dir / sub / f"{case_id}.nii.gz")
+    (out_dir / "dataset.json").write_text(json.dumps({
+        "labels": {"0": "background", "1": "liver", "2": "tumour"},
+        "training": [{"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}],
+    }))
+
+
+@pytest.fixture(scope="session")
+def small_liver_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MSD dataset with one real case: ircadb07 cropped to its liver (+15 mm), about 99x74x66 at 3 mm."""
+    out = tmp_path_factory.mktemp("small_liver_dataset")
+    crop_case_to_liver(shared_file(f"liver/imagesTr/{TRAINED_CASE}.nii.gz"),
+                       shared_file(f"liver/labelsTr/{TRAINED_CASE}.nii.gz"), out, TRAINED_CASE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_liver_cache(small_liver_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``small_liver_dataset`` preprocessed (configs/cpu_small.yaml: 3 mm, window) into a cache."""
+    from liverseg.config import load_config
+    from liverseg.preprocess import preprocess_dataset
+
+    cache = tmp_path_factory.mktemp("small_liver_cache") / "cache"
+    config = load_config(REPO / "configs" / "cpu_small.yaml")
+    report = preprocess_dataset(small_liver_dataset, cache, config.preprocess, quiet=True)
+    assert report.done == [TRAINED_CASE], report.failed
+    return cache
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(small_liver_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RUN_DIR of a small DynUNet (configs/cpu_small.yaml) trained ~60 s of CPU on the cropped
+    ircadb07 case (validated on itself), loadable with ``liverseg.bundle.load_bundle(path)``.
+
+    The CT it was trained on is ``small_liver_dataset / "imagesTr" / "ircadb07.nii.gz"`` (label in
+    ``labelsTr``); its model-space cache is the ``small_liver_cache`` fixture.
+    Set LIVERSEG_TEST_TRAIN_SECONDS to change the training budget.
+    """
+    import json
+    import os
+
+    from liverseg.config import load_config
+    from liverseg.train import train
+
+    run_dir = tmp_path_factory.mktemp("trained_bundle") / "run"
+    run_dir.mkdir()
+    (run_dir / "splits.json").write_text(json.dumps([{"train": [TRAINED_CASE], "val": [TRAINED_CASE]}]))
+    seconds = float(os.environ.get("LIVERSEG_TEST_TRAIN_SECONDS", "60"))
+    # No augmentation and a high learning rate: the point is to fit this one case fast.
+    config = load_config(REPO / "configs" / "cpu_small.yaml", [
+        "train.iterations=1000", "train.val_every=1000", f"train.max_seconds={seconds}",
+        "train.checkpoint_every=1000", "train.augment=false", "train.lr=0.01"])
+    train(small_liver_cache, run_dir, config, fold=0, device="cpu", quiet=True)
+    return run_dir
