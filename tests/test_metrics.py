@@ -124,6 +124,21 @@ def test_our_single_pass_equals_monai_metric_functions_on_real_labels() -> None:
     assert m["nsd"] == pytest.approx(float(nsd), abs=1e-6)
 
 
+def test_speckled_prediction_uses_the_dense_transform_with_the_same_answer() -> None:
+    rng = np.random.default_rng(0)
+    ref = np.zeros((40, 36, 30), dtype=bool)
+    ref[8:30, 6:28, 5:24] = True
+    pred = rng.random(ref.shape) < 0.3  # speckle: far more edge voxels than the KD-tree path takes
+    spacing = (0.9, 1.3, 2.1)
+    m = score_binary(pred, ref, spacing)
+    yp, yr = torch.from_numpy(pred)[None, None], torch.from_numpy(ref)[None, None]
+    hd = compute_hausdorff_distance(yp, yr, include_background=True, percentile=95, spacing=spacing)
+    assd = compute_average_surface_distance(yp, yr, include_background=True, symmetric=True,
+                                            spacing=spacing)
+    assert m["hd95_mm"] == pytest.approx(float(hd), abs=1e-4)
+    assert m["assd_mm"] == pytest.approx(float(assd), abs=1e-4)
+
+
 def test_identical_masks_score_perfectly() -> None:
     label = read_label(shared_file("liver/labelsTr/tsexample.nii.gz"))
     m = score_labels(label.array, label.array, label.spacing)["liver"]
