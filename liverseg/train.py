@@ -63,6 +63,7 @@ class TrainResult:
     best_iteration: int | None
     iterations: int  # steps done in total (including those before a resume)
     seconds: float  # wall time of this call
+    cpu_seconds: float  # CPU time of this process in this call (all threads; excludes DDP peers)
     train_cases: list[str]
     val_cases: list[str]
 
@@ -433,7 +434,7 @@ def train(data: str | Path, run_dir: str | Path, config: Config, *, fold: int | 
     and notebooks; raising from it interrupts the run like Ctrl-C would).
     Under ``torchrun`` (WORLD_SIZE > 1) it trains with DDP: gloo on CPU, NCCL on GPU.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     data, run_dir = Path(data), Path(run_dir)
     if not data.exists():
         raise LiversegError("training data not found; give a preprocess cache or a dataset folder", data)
@@ -453,7 +454,8 @@ def train(data: str | Path, run_dir: str | Path, config: Config, *, fold: int | 
     set_track_meta(False)  # plain tensors through the transforms: no metadata bookkeeping per patch
     try:
         return _train(data, run_dir, config, fold=fold, resume=resume, dev=dev, quiet=quiet,
-                      splits=splits, on_step=on_step, rank=rank, world=world, started=started)
+                      splits=splits, on_step=on_step, rank=rank, world=world,
+                      started=(started, cpu_started))
     finally:
         set_track_meta(track_meta_before)
         torch.use_deterministic_algorithms(deterministic_before)
@@ -464,7 +466,7 @@ def train(data: str | Path, run_dir: str | Path, config: Config, *, fold: int | 
 def _train(data: Path, run_dir: Path, config: Config, *, fold: int | None, resume: bool,
            dev: torch.device, quiet: bool, splits: str | Path | None,
            on_step: Callable[[int, dict], None] | None, rank: int, world: int,
-           started: float) -> TrainResult:
+           started: tuple[float, float]) -> TrainResult:
     from monai.data import CacheDataset
     from monai.utils import set_determinism
 
@@ -552,6 +554,8 @@ def _train(data: Path, run_dir: Path, config: Config, *, fold: int | None, resum
             "command": " ".join(sys.argv),
             "config": config.model_dump(mode="json"),
             "iterations": step,
+            "seconds": round(time.perf_counter() - started[0], 2),
+            "cpu_seconds": round(time.process_time() - started[1], 2),
             "weights": "best validation Dice" if val_ids else "last step",
             "validation": ({"best_dice": best, "best_iteration": best_step, **(val or {})}
                            if val_ids else None),
@@ -593,7 +597,7 @@ def _train(data: Path, run_dir: Path, config: Config, *, fold: int | None, resum
             scheduler.step()
             step += 1
             loss_value = _mean_across_ranks(float(loss.detach()), dev)
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - started[0]
             out_of_time = t.max_seconds is not None and elapsed >= t.max_seconds
             if world > 1 and t.max_seconds is not None:  # every rank must stop at the same step
                 flag = torch.tensor([int(out_of_time)], device=dev)
@@ -639,5 +643,6 @@ def _train(data: Path, run_dir: Path, config: Config, *, fold: int | None, resum
             write_bundle(network.state_dict(), last_val)
     _barrier()
     return TrainResult(run_dir=run_dir, bundle=run_dir, best_dice=best if best_step is not None else None,
-                       best_iteration=best_step, iterations=step, seconds=time.perf_counter() - started,
+                       best_iteration=best_step, iterations=step, seconds=time.perf_counter() - started[0],
+                       cpu_seconds=time.process_time() - started[1],
                        train_cases=train_ids, val_cases=val_ids)
