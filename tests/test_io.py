@@ -172,3 +172,19 @@ def test_wrong_dimensionality(tmp_path: Path, shape: tuple[int, ...], words: str
     nib.save(nib.Nifti1Image(array, ct.affine), path)
     with pytest.raises(LiversegError, match=words):
         read_ct(path)
+
+
+def test_atomic_write_leaves_no_temp_and_normal_permissions(tmp_path: Path) -> None:
+    import os
+
+    from liverseg.io import atomic_path, write_text_atomic
+
+    target = tmp_path / "out" / "report.json"
+    write_text_atomic(target, "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "out" / "mask.nii.gz") as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("crash mid-write")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
