@@ -181,3 +181,26 @@ def test_cli_bad_config_is_one_line_error(small_liver_cache: Path, tmp_path: Pat
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_patch_stream_same_with_worker_processes(small_liver_cache: Path) -> None:
+    """Patch g is a pure function of (seed, g): worker processes give the same batches as the main
+    process (which is what makes --resume exact with num_workers > 0 too)."""
+    from monai.data import CacheDataset
+
+    from liverseg.train import PatchStream, _CaseLoader, _PatchNumbers, _transforms
+
+    cfg = load_config(CPU_SMALL, ["train.patch_size=[32,32,32]"])
+    fixed, augment = _transforms(cfg)
+    cases = CacheDataset([{"case": "ircadb07"}], transform=_CaseLoader(small_liver_cache, fixed),
+                         progress=False, copy_cache=False)
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        loader = torch.utils.data.DataLoader(PatchStream(cases, augment, seed=3), batch_size=2,
+                                             sampler=_PatchNumbers(0, 3, 2, 0, 1), num_workers=workers)
+        return [b["image"] for b in loader]
+
+    main, workers = batches(0), batches(2)
+    assert len(main) == 3 and main[0].shape == (2, 1, 32, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(main, workers, strict=True))
+    assert not torch.equal(main[0], main[1])
