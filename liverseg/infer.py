@@ -5,6 +5,10 @@ body crop) -> MONAI ``sliding_window_inference`` (gaussian blending, windows on 
 stitching in CPU memory), optionally averaged over flips -> class probabilities resampled once
 up to the native grid, then argmax -> postprocessing -> statistics.
 
+An oblique scan (voxel axes rotated against the patient/world axes) is first resampled onto a
+world-aligned grid at the plan spacing, so the network sees upright anatomy as in training; its
+probabilities come back through the same coarse oblique grid.
+
 At 3 mm a body-cropped abdomen usually fits in one 128^3 window, so the sliding window makes a
 single forward pass; the window is also shrunk to the (stride-padded) image so a small image is
 not padded up to a full ROI.
@@ -26,7 +30,13 @@ from liverseg.bundle import Bundle
 from liverseg.config import PostprocessConfig
 from liverseg.errors import LiversegError
 from liverseg.io import NIFTI_SUFFIXES, Volume, case_name, write_mask, write_text_atomic
-from liverseg.modelspace import argmax_channels, labels_to_native, probabilities_to_native, to_model_space
+from liverseg.modelspace import (
+    argmax_channels,
+    labels_to_native,
+    probabilities_to_native,
+    resize,
+    to_model_space,
+)
 from liverseg.networks import network_stride
 from liverseg.postprocess import LIVER, TUMOUR, postprocess_labels
 
@@ -131,6 +141,69 @@ def model_probabilities(image: torch.Tensor, bundle: Bundle, *, device: str = "c
         return total[0].float().contiguous()
 
 
+def is_oblique(affine: np.ndarray, tol: float = 1e-3) -> bool:
+    """True when the voxel axes are not aligned with the world (RAS) axes up to permutation/flip."""
+    directions = np.abs(np.asarray(affine)[:3, :3] / np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+    return bool(np.any((directions > tol) & (directions < 1.0 - tol)))
+
+
+def _world_resample(source: torch.Tensor, source_affine: np.ndarray, target_affine: np.ndarray,
+                    target_shape: tuple[int, ...], fill: list[float], chunk: int = 8) -> torch.Tensor:
+    """(C, source grid) -> (C, target grid) by trilinear sampling at the same world positions;
+    ``fill[c]`` outside the source. Works in slabs of ``chunk`` slices to bound memory."""
+    index_map = torch.as_tensor(np.linalg.inv(source_affine) @ target_affine, dtype=torch.float32)
+    channels = source.shape[0]
+    src = (source - torch.tensor(fill, dtype=source.dtype).view(-1, 1, 1, 1))[None]
+    sizes = torch.tensor(source.shape[1:], dtype=torch.float32)
+    scale = 2.0 / torch.clamp(sizes - 1.0, min=1.0)
+    out = torch.empty((channels, *target_shape), dtype=torch.float32)
+    i, j = torch.meshgrid(torch.arange(target_shape[0], dtype=torch.float32),
+                          torch.arange(target_shape[1], dtype=torch.float32), indexing="ij")
+    for k0 in range(0, target_shape[2], chunk):
+        k1 = min(target_shape[2], k0 + chunk)
+        k = torch.arange(k0, k1, dtype=torch.float32)
+        ijk = torch.stack(torch.broadcast_tensors(i[..., None], j[..., None], k), dim=-1)
+        coords = ijk @ index_map[:3, :3].T + index_map[:3, 3]  # source voxel indices
+        grid = (coords * scale - 1.0).flip(-1)[None]  # grid_sample wants (z, y, x) = (W, H, D)
+        sampled = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
+                                                  align_corners=True)
+        out[:, :, :, k0:k1] = sampled[0]
+    return out.add_(torch.tensor(fill, dtype=torch.float32).view(-1, 1, 1, 1))
+
+
+def _aligned_proxy(volume: Volume, spacing: tuple[float, float, float]
+                   ) -> tuple[Volume, np.ndarray, tuple[int, int, int]]:
+    """An oblique CT at ``spacing`` on a grid aligned with the world (RAS) axes covering it.
+
+    The network learnt upright anatomy; feeding it an oblique grid unchanged would show it
+    rotated anatomy. The volume is first area-averaged at ``spacing`` on its own grid
+    (anti-aliasing, as the normal path does), then sampled trilinearly onto the aligned grid;
+    outside the scan is air. Returns the proxy and the coarse grid (affine, shape) on which
+    probabilities come back before the fast separable upsampling to the native grid.
+    """
+    from liverseg.modelspace import resampled_shape, resize_native
+
+    coarse_shape = resampled_shape(volume.shape, volume.spacing, spacing)
+    coarse = resize_native(np.asarray(volume.array, dtype=np.float32), coarse_shape)
+    scale = np.array(volume.shape, dtype=np.float64) / np.array(coarse_shape, dtype=np.float64)
+    index_map = np.eye(4)
+    index_map[:3, :3] = np.diag(scale)
+    index_map[:3, 3] = (scale - 1.0) / 2.0
+    coarse_affine = volume.affine @ index_map
+    corners = np.array([[a, b, c, 1.0] for a in (-0.5, volume.shape[0] - 0.5)
+                        for b in (-0.5, volume.shape[1] - 0.5) for c in (-0.5, volume.shape[2] - 0.5)])
+    world = (volume.affine @ corners.T)[:3]
+    low, high = world.min(axis=1), world.max(axis=1)
+    step = np.asarray(spacing, dtype=np.float64)
+    shape = tuple(int(np.ceil((h - lo) / s)) for lo, h, s in zip(low, high, step, strict=True))
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(step)
+    affine[:3, 3] = low + 0.5 * step
+    array = _world_resample(torch.from_numpy(np.ascontiguousarray(coarse))[None], coarse_affine, affine,
+                            shape, fill=[-1024.0])[0]
+    return Volume(array=array.numpy(), affine=affine, source=volume.source), coarse_affine, coarse_shape
+
+
 def volume_stats(volume: Volume, labels: np.ndarray) -> dict[str, float | None]:
     """Liver volume (liver + tumour, as in LiTS) and tumour volume in mL; mean HU of the liver
     parenchyma (label 1, tumours excluded)."""
@@ -157,18 +230,33 @@ def predict_volume(volume: Volume, bundle: Bundle, *, device: str = "cpu", overl
     timings: dict[str, float] = {}
     if check_intensities:
         check_ct_intensities(volume)
+    oblique = is_oblique(volume.affine)
+    probabilities: np.ndarray | None
     with _timed(timings, "preprocess"):
-        image, record = to_model_space(volume, bundle.plan.preprocess)
+        source = volume
+        if oblique:
+            spacing = bundle.plan.preprocess.target_spacing
+            source, coarse_affine, coarse_shape = _aligned_proxy(volume, spacing)
+        image, record = to_model_space(source, bundle.plan.preprocess)
     with _timed(timings, "predict"):
         probs = model_probabilities(image, bundle, device=device, overlap=overlap, tta=tta,
                                     sw_batch_size=sw_batch_size)
     del image
     with _timed(timings, "resample"):
         # Probabilities go up to the native grid once; the argmax is taken there.
-        if keep_probabilities:
+        if oblique:
+            aligned = probabilities_to_native(probs, record)  # on the small aligned proxy grid
+            fill = [1.0] + [0.0] * (aligned.shape[0] - 1)
+            # World-space sampling only on the coarse oblique grid; upsampling is separable.
+            coarse = _world_resample(aligned, source.affine, coarse_affine, coarse_shape, fill)
+            native = resize(coarse, volume.shape)
+            labels = argmax_channels(native).numpy()
+            probabilities = native.numpy() if keep_probabilities else None
+            del native
+        elif keep_probabilities:
             native = probabilities_to_native(probs, record)
             labels = argmax_channels(native).numpy()
-            probabilities: np.ndarray | None = native.numpy()
+            probabilities = native.numpy()
         else:
             labels = labels_to_native(probs, record)
             probabilities = None
