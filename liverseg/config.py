@@ -96,6 +96,10 @@ class TrainConfig(_Strict):
     pos_fraction: float = Field(default=0.67, ge=0.0, le=1.0)
     class_weights: list[float] | None = None
     augment: bool = True
+    # Mirror axes for augmentation (RAS model space: 0 left-right, 1 front-back, 2 head-feet).
+    # Mirroring left-right teaches the network that a liver may sit on the left, which invites
+    # spleen confusions when training data is scarce; the shipped recipe turns flips off.
+    flip_axes: list[int] = Field(default_factory=lambda: [0, 1, 2])
     num_workers: int = Field(default=0, ge=0)
     cache_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     amp: bool = True  # used on CUDA only

@@ -188,9 +188,7 @@ def _transforms(config: Config) -> tuple[Callable, Callable]:
         random_part += [
             RandAffined(keys, prob=0.2, rotate_range=[math.radians(15)] * 3, scale_range=[0.15] * 3,
                         mode=("bilinear", "nearest"), padding_mode="border"),
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in t.flip_axes),
             RandScaleIntensityd("image", factors=0.1, prob=0.2),
             RandShiftIntensityd("image", offsets=0.1, prob=0.2),
             RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.2),
