@@ -110,7 +110,7 @@ def evaluate(work: Path) -> dict:
                        "liver": liver, "tumour": tumour}
                 results["cases"].setdefault(case, {})[key] = row
                 print(f"{name} {case} window {key}: liver Dice {liver['dice']:.4f} "
-                      f"HD95 {liver['hd95']} mm, tumour Dice {tumour['dice']:.4f} ({seconds:.1f} s)",
+                      f"HD95 {liver['hd95_mm']:.1f} mm, tumour Dice {tumour['dice']:.4f} ({seconds:.1f} s)",
                       flush=True)
     for window in CANDIDATE_WINDOWS:
         key = "x".join(map(str, window))
@@ -159,7 +159,7 @@ def package(work: Path) -> None:
             "protocol": "leave-one-out over the expert cases (tsexample always in training); last "
                         "weights; scored on the native CT grid after postprocessing",
             "window": cv["chosen_window"],
-            "per_case": {case: {"liver_dice": row["liver"]["dice"], "liver_hd95_mm": row["liver"]["hd95"],
+            "per_case": {case: {"liver_dice": row["liver"]["dice"], "liver_hd95_mm": row["liver"]["hd95_mm"],
                                 "tumour_dice": row["tumour"]["dice"], "fold": row["fold"]}
                          for case, row in per_case.items()},
         },
