@@ -59,8 +59,16 @@ def save_bundle(directory: str | Path, plan: Config, state_dict: dict[str, torch
     """Write a bundle (each file atomically). Weights are stored as float16 to keep bundles small."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    compact = {k: (v.detach().to("cpu").half() if v.is_floating_point() else v.detach().to("cpu"))
-               for k, v in state_dict.items()}
+    # DynUNet's state_dict names the same tensors under several keys (skip_layers alias the
+    # encoder); convert each storage once so the aliases stay shared and are saved once.
+    converted: dict[int, torch.Tensor] = {}
+    compact = {}
+    for key, value in state_dict.items():
+        tensor = value.detach().to("cpu")
+        ident = tensor.data_ptr()
+        if ident not in converted:
+            converted[ident] = tensor.half() if tensor.is_floating_point() else tensor
+        compact[key] = converted[ident]
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         torch.save(compact, tmp)
     plan_data = {"bundle_format": BUNDLE_FORMAT, **plan.model_dump(mode="json")}

@@ -127,17 +127,16 @@ def evaluate(work: Path) -> dict:
 
 def package(work: Path) -> None:
     from liverseg import __version__
-    from liverseg.bundle import CARD_FILE, CARD_MD_FILE, PLAN_FILE, WEIGHTS_FILE
+    from liverseg.bundle import CARD_FILE, load_bundle, save_bundle
 
     final = work / "final"
     cv = json.loads((work / "cv.json").read_text())
     window = [int(v) for v in cv["chosen_window"].split("x")]
     train_card = json.loads((final / CARD_FILE).read_text())
-    plan = json.loads((final / PLAN_FILE).read_text())
-    plan["infer"]["roi_size"] = window
-    PACKAGE_DIR.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(final / WEIGHTS_FILE, PACKAGE_DIR / WEIGHTS_FILE)
-    (PACKAGE_DIR / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+    bundle = load_bundle(final)
+    bundle.plan.infer.roi_size = tuple(window)
+    if PACKAGE_DIR.exists():
+        shutil.rmtree(PACKAGE_DIR)
     per_case = {case: rows[cv["chosen_window"]] for case, rows in cv["cases"].items()}
     card = {
         "name": "liver_default",
@@ -153,8 +152,7 @@ def package(work: Path) -> None:
         "licence": "Research use only, non-commercial: trained on 3D-IRCADb-01 (CC BY-NC-ND 4.0).",
         "command": "python pipelines/train_shipped_model.py all",
         "config": "configs/liver_default.yaml",
-        "training": {key: train_card.get(key) for key in ("iterations", "seconds", "cpu_seconds", "machine")
-                     if key in train_card},
+        "training": {key: train_card.get(key) for key in ("iterations", "seconds", "cpu_seconds")},
         "cross_validation": {
             "protocol": "leave-one-out over the expert cases (tsexample always in training); last "
                         "weights; scored on the native CT grid after postprocessing",
@@ -163,7 +161,8 @@ def package(work: Path) -> None:
                                 "tumour_dice": row["tumour"]["dice"], "fold": row["fold"]}
                          for case, row in per_case.items()},
         },
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch CPU",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch CPU build; "
+                   "three runs trained side by side, one thread each",
         "limits": [
             "Trained on three CT scans: expect failures on unusual anatomy, non-contrast or very "
             "low-dose scans, and partial fields of view.",
@@ -171,7 +170,6 @@ def package(work: Path) -> None:
             "3 mm resolution: small structures and the liver's thin edges are approximate.",
         ],
     }
-    (PACKAGE_DIR / CARD_FILE).write_text(json.dumps(card, indent=2, default=float) + "\n")
     lines = [f"# {card['name']} ({card['version']})", "", card["description"], "",
              f"**Licence:** {card['licence']}", "", "## Data"]
     lines += [f"- {k}: {v}" for k, v in card["data"].items()]
@@ -180,10 +178,12 @@ def package(work: Path) -> None:
     lines += ["", "## Cross-validated Dice (held-out case, native grid)", "",
               "| case | liver Dice | liver HD95 (mm) | tumour Dice |", "|---|---|---|---|"]
     for case, row in card["cross_validation"]["per_case"].items():
-        lines.append(f"| {case} | {row['liver_dice']:.4f} | {row['liver_hd95_mm']} "
+        lines.append(f"| {case} | {row['liver_dice']:.4f} | {row['liver_hd95_mm']:.1f} "
                      f"| {row['tumour_dice']:.4f} |")
     lines += ["", "## Known limits"] + [f"- {item}" for item in card["limits"]]
-    (PACKAGE_DIR / CARD_MD_FILE).write_text("\n".join(lines) + "\n")
+    # save_bundle writes float16 weights (about 11 MB), the plan and both cards.
+    save_bundle(PACKAGE_DIR, bundle.plan, bundle.network.state_dict(),
+                card=json.loads(json.dumps(card, default=float)), card_markdown="\n".join(lines) + "\n")
     print(f"packaged {PACKAGE_DIR}")
 
 
