@@ -143,7 +143,7 @@ def package(work: Path) -> None:
         "version": f"{__version__}-{time.strftime('%Y%m%d')}",
         "description": "Liver and liver-tumour segmentation of abdominal CT at 3 mm, CPU-first.",
         "labels": {"0": "background", "1": "liver", "2": "tumour"},
-        "trained_on": train_card.get("train_cases"),
+        "trained_on": train_card["trained_on"]["train_cases"],
         "data": {
             "ircadb01, ircadb07": "3D-IRCADb-01 (IRCAD), expert labels, CC BY-NC-ND 4.0",
             "tsexample": "TotalSegmentator example CT (Apache-2.0), liver labels made by "
