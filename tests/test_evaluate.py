@@ -10,12 +10,12 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from conftest import shared_file
 from typer.testing import CliRunner
 
 from liverseg.cli import app
 from liverseg.io import Volume, read_ct, read_label, save_volume
 from liverseg.report import SUMMARY_SCHEMA
-from tests.conftest import shared_file
 
 runner = CliRunner()
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import shared_file
 from monai.metrics import (
     compute_average_surface_distance,
     compute_dice,
@@ -24,7 +25,6 @@ from liverseg.metrics import (
     score_labels,
     union_bbox,
 )
-from tests.conftest import shared_file
 
 
 def _lens_volume(r1: float, r2: float, d: float) -> float:

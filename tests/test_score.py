@@ -11,13 +11,13 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from conftest import LIVER_DATASET, shared_file
 from scipy import ndimage
 from typer.testing import CliRunner
 
 from liverseg.cli import app
 from liverseg.io import Volume, read_label, save_volume, write_mask
 from liverseg.report import SUMMARY_SCHEMA
-from tests.conftest import LIVER_DATASET, shared_file
 
 CASES = ("ircadb01", "ircadb07", "tsexample")
 runner = CliRunner()
