@@ -93,12 +93,20 @@ def _window(shape: tuple[int, ...], roi: tuple[int, ...], stride: int) -> tuple[
     return tuple(min(r, -(-s // stride) * stride) for s, r in zip(shape, roi, strict=True))
 
 
-def _flips(tta: bool) -> list[tuple[int, ...]]:
-    """Spatial flips for test-time augmentation: the identity and one flip per axis.
+def _flips(tta: bool, bundle: Bundle) -> list[tuple[int, ...]]:
+    """Spatial flips for test-time augmentation: the identity and one flip per mirrored axis.
 
-    Four passes rather than nnU-Net's eight mirror combinations keep the CPU cost bounded.
+    Only axes the model was trained mirrored on (``train.flip_axes`` in its plan) are used: a
+    network that never saw a mirrored liver would be averaged with nonsense. One flip per axis
+    rather than nnU-Net's eight combinations keeps the CPU cost bounded.
     """
-    return [(), (2,), (3,), (4,)] if tta else [()]
+    if not tta:
+        return [()]
+    axes = sorted(set(bundle.plan.train.flip_axes))
+    if not axes:
+        raise LiversegError("this model was trained without mirroring, so flip test-time "
+                            "augmentation would only hurt; run without --tta", bundle.path)
+    return [(), *((axis + 2,) for axis in axes)]
 
 
 def model_probabilities(image: torch.Tensor, bundle: Bundle, *, device: str = "cpu",
@@ -124,7 +132,7 @@ def model_probabilities(image: torch.Tensor, bundle: Bundle, *, device: str = "c
 
     x = image[None]
     total: torch.Tensor | None = None
-    flips = _flips(tta)
+    flips = _flips(tta, bundle)
     with torch.inference_mode():
         for axes in flips:
             inp = torch.flip(x, axes) if axes else x

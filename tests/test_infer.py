@@ -289,3 +289,24 @@ def test_bad_input_gives_one_line_error_and_no_output(kind: str, tiny_bundle: Pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_tta_flips_only_axes_the_model_was_trained_mirrored_on(tiny_bundle: Path, small_ct: Path,
+                                                               tmp_path: Path) -> None:
+    from liverseg.infer import _flips
+
+    bundle = load_bundle(tiny_bundle)
+    bundle.plan.train.flip_axes = [0]
+    assert _flips(True, bundle) == [(), (2,)]  # (batch, channel) come first in the tensor
+    assert _flips(False, bundle) == [()]
+    plan = json.loads((tiny_bundle / "plan.json").read_text())
+    plan["train"]["flip_axes"] = []
+    unmirrored = tmp_path / "unmirrored"
+    unmirrored.mkdir()
+    (unmirrored / "plan.json").write_text(json.dumps(plan))
+    (unmirrored / "model.pt").write_bytes((tiny_bundle / "model.pt").read_bytes())
+    out = tmp_path / "mask.nii.gz"
+    result = runner.invoke(app, ["infer", str(small_ct), "-o", str(out), "--model", str(unmirrored), "--tta"])
+    assert result.exit_code == 2
+    assert "without mirroring" in result.stderr and "\n" not in result.stderr.strip()
+    assert not out.exists()
