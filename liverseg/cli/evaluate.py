@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from liverseg.cli.common import EXIT_BAD_INPUT, emit_json, friendly_errors, progress
+from liverseg.cli.common import friendly_errors, progress
 
 
 @friendly_errors
@@ -32,7 +32,7 @@ def command(
     evaluated; the exit code is 2 if any case failed.
     """
     from liverseg.bundle import load_bundle
-    from liverseg.cli.score import format_aggregate
+    from liverseg.cli.score import present_summary
     from liverseg.metrics import evaluate_dataset
     from liverseg.report import overlay_from_files, write_report
 
@@ -51,12 +51,4 @@ def command(
                            extra_settings={"model": str(bundle.path), "model_id": bundle.model_id,
                                            "model_version": bundle.model_version,
                                            "dataset": str(dataset)})
-    for failure in summary["failures"]:
-        typer.echo(f"error: {failure['case']}: {failure['error']}", err=True)
-    if as_json:
-        emit_json(summary["aggregate"])
-    elif not quiet:
-        typer.echo(format_aggregate(summary), err=True)
-        typer.echo(f"report: {output / 'report.html'}", err=True)
-    if summary["failures"]:
-        raise typer.Exit(EXIT_BAD_INPUT)
+    present_summary(summary, output, as_json=as_json, quiet=quiet)

@@ -50,6 +50,11 @@ def command(
                                n_worst=worst)
     else:
         summary = build_summary(results, tolerance, resample_to_ref)
+    present_summary(summary, output, as_json=as_json, quiet=quiet)
+
+
+def present_summary(summary: dict, output: Path | None, *, as_json: bool, quiet: bool) -> None:
+    """Failures on stderr, the aggregate as JSON or text, exit 2 if any case failed."""
     for failure in summary["failures"]:
         typer.echo(f"error: {failure['case']}: {failure['error']}", err=True)
     if as_json:
