@@ -95,7 +95,10 @@ def _body_box(hu: torch.Tensor, cfg: PreprocessConfig) -> list[list[int]]:
     full = [[0, n] for n in shape]
     if not cfg.crop_body:
         return full
-    body = (hu > cfg.body_threshold_hu).numpy()
+    # The body is found on every second voxel: its box is as good once the margin covers the
+    # coarser step, and the opening and labelling cost an eighth.
+    step = 2 if min(shape) >= 32 else 1
+    body = (hu[::step, ::step, ::step] > cfg.body_threshold_hu).numpy()
     # An opening detaches the table and thin clothing from the body before picking the largest.
     body = ndimage.binary_opening(body, iterations=1)
     labels, count = ndimage.label(body)
@@ -104,8 +107,9 @@ def _body_box(hu: torch.Tensor, cfg: PreprocessConfig) -> list[list[int]]:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     slices = ndimage.find_objects(labels)[int(sizes.argmax()) - 1]  # boxes of all, no mask copy
-    m = cfg.crop_margin_vox
-    return [[max(0, s.start - m), min(n, s.stop + m)] for s, n in zip(slices, shape, strict=True)]
+    m = cfg.crop_margin_vox + step - 1
+    return [[max(0, s.start * step - m), min(n, s.stop * step + m)]
+            for s, n in zip(slices, shape, strict=True)]
 
 
 def _affine_after_resize(affine: np.ndarray, src: tuple[int, ...], dst: tuple[int, ...]) -> np.ndarray:
