@@ -44,10 +44,10 @@ def eval_dataset(small_liver_dataset: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="module")
-def evaluated(eval_dataset: Path, trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def evaluated(eval_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("eval") / "report"
-    result = runner.invoke(app, ["evaluate", str(eval_dataset), "--model", str(trained_bundle),
-                                 "-o", str(out), "--json", "--worst", "1"])
+    # no --model: the model shipped in the package
+    result = runner.invoke(app, ["evaluate", str(eval_dataset), "-o", str(out), "--json", "--worst", "1"])
     return {"out": out, "result": result}
 
 
@@ -82,8 +82,7 @@ def test_evaluate_scores_every_labelled_case_and_reports_the_bad_one(evaluated: 
     assert (out / "cases.csv").read_text().count("\n") >= 3
 
 
-def test_evaluate_needs_labels(tmp_path: Path, trained_bundle: Path) -> None:
+def test_evaluate_needs_labels(tmp_path: Path) -> None:
     save_volume(read_ct(shared_file("liver/imagesTr/tsexample.nii.gz")), tmp_path / "ct.nii.gz")
-    result = runner.invoke(app, ["evaluate", str(tmp_path / "ct.nii.gz"), "--model",
-                                 str(trained_bundle), "-o", str(tmp_path / "out")])
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "no labels" in result.stderr and "Traceback" not in result.output
