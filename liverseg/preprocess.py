@@ -218,18 +218,24 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def _case_error(case: Case, memory_hint: str, exc: Exception) -> dict:
+    """A worker's failure as that case's one-line error (a bug must not sink the whole batch)."""
+    if isinstance(exc, LiversegError):
+        message = str(exc)
+    elif isinstance(exc, MemoryError):
+        message = f"{case.image}: out of memory; {memory_hint}"
+    else:
+        message = (f"{case.image}: unexpected {type(exc).__name__}: {exc}; "
+                   "please report this with the file")
+    return {"case_id": case.case_id, "error": message}
+
+
 def _fingerprint_job(case: Case, labels: dict[int, str], cache_dir: str) -> dict:
     try:
         image, label = _read_case(case, labels)
         entry, sample = _fingerprint_entry(image, label, labels)
-    except LiversegError as exc:
-        return {"case_id": case.case_id, "error": str(exc)}
-    except MemoryError:
-        return {"case_id": case.case_id, "error": f"{case.image}: out of memory reading this case; "
-                "free memory or run with fewer --workers"}
-    except Exception as exc:  # a bug must not sink the whole batch; report it with the case
-        return {"case_id": case.case_id, "error": f"{case.image}: unexpected {type(exc).__name__}: "
-                f"{exc}; please report this with the file"}
+    except Exception as exc:
+        return _case_error(case, "free memory or run with fewer --workers", exc)
     _save_sample(Path(cache_dir), case.case_id, sample)
     return {"case_id": case.case_id, "entry": entry, "sample": sample}
 
@@ -240,14 +246,8 @@ def _case_job(case: Case, cfg_json: dict, labels: dict[int, str], cache_dir: str
     cache = Path(cache_dir)
     try:
         image, label, sidecar, sample = _preprocess_case(case, cfg, labels)
-    except LiversegError as exc:
-        return {"case_id": case.case_id, "error": str(exc)}
-    except MemoryError:
-        return {"case_id": case.case_id, "error": f"{case.image}: out of memory preprocessing this "
-                "case; free memory, run with fewer --workers or a coarser target_spacing"}
-    except Exception as exc:  # a bug must not sink the whole batch; report it with the case
-        return {"case_id": case.case_id, "error": f"{case.image}: unexpected {type(exc).__name__}: "
-                f"{exc}; please report this with the file"}
+    except Exception as exc:
+        return _case_error(case, "free memory, run with fewer --workers or a coarser target_spacing", exc)
     sidecar["config_hash"] = config_hash
     arrays = {"image": image} if label is None else {"image": image, "label": label}
     npz_path, json_path = case_paths(cache, case.case_id)
