@@ -116,6 +116,10 @@ class InferConfig(_Strict):
     sw_batch_size: int = Field(default=1, ge=1)
     mode: Literal["gaussian", "constant"] = "gaussian"
     tta: bool = False
+    # Nested classes (tumour lies inside liver): a voxel is foreground when the background
+    # probability is below one half, then gets its most likely foreground class. Plain argmax
+    # drops a voxel whose foreground probability is split between liver and tumour.
+    nested_classes: bool = False
 
 
 class PostprocessConfig(_Strict):

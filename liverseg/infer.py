@@ -31,7 +31,7 @@ from liverseg.config import PostprocessConfig
 from liverseg.errors import LiversegError
 from liverseg.io import NIFTI_SUFFIXES, Volume, case_name, write_mask, write_text_atomic
 from liverseg.modelspace import (
-    argmax_channels,
+    decide_labels,
     labels_to_native,
     probabilities_to_native,
     resize,
@@ -250,23 +250,24 @@ def predict_volume(volume: Volume, bundle: Bundle, *, device: str = "cpu", overl
         probs = model_probabilities(image, bundle, device=device, overlap=overlap, tta=tta,
                                     sw_batch_size=sw_batch_size)
     del image
+    nested = bundle.plan.infer.nested_classes
     with _timed(timings, "resample"):
-        # Probabilities go up to the native grid once; the argmax is taken there.
+        # Probabilities go up to the native grid once; the labels are decided there.
         if oblique:
             aligned = probabilities_to_native(probs, record)  # on the small aligned proxy grid
             fill = [1.0] + [0.0] * (aligned.shape[0] - 1)
             # World-space sampling only on the coarse oblique grid; upsampling is separable.
             coarse = _world_resample(aligned, source.affine, coarse_affine, coarse_shape, fill)
             native = resize(coarse, volume.shape)
-            labels = argmax_channels(native).numpy()
+            labels = decide_labels(native, nested).numpy()
             probabilities = native.numpy() if keep_probabilities else None
             del native
         elif keep_probabilities:
             native = probabilities_to_native(probs, record)
-            labels = argmax_channels(native).numpy()
+            labels = decide_labels(native, nested).numpy()
             probabilities = native.numpy()
         else:
-            labels = labels_to_native(probs, record)
+            labels = labels_to_native(probs, record, nested)
             probabilities = None
     del probs
     if postprocess is None:

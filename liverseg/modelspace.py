@@ -194,6 +194,20 @@ def argmax_channels(probs: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def decide_labels(probs: torch.Tensor, nested: bool = False) -> torch.Tensor:
+    """(C, ...) class probabilities (summing to 1 per voxel) -> uint8 labels.
+
+    ``nested=False``: argmax. ``nested=True``: classes 1..C-1 nest inside one foreground
+    (tumour inside liver), so foreground is decided first, as ``P(background) < 0.5``, and a
+    foreground voxel takes its most likely foreground class.
+    """
+    if not nested or probs.shape[0] < 3:
+        return argmax_channels(probs)
+    labels = argmax_channels(probs[1:]) + 1
+    labels[probs[0] >= 0.5] = 0
+    return labels
+
+
 def label_to_model_space(label: np.ndarray, record: SpatialRecord, num_classes: int) -> np.ndarray:
     """A native label map -> model space labels (uint8), resampled through one-hot channels.
 
@@ -248,11 +262,12 @@ def probabilities_to_native(probs: torch.Tensor, record: SpatialRecord) -> torch
     return torch.from_numpy(np.stack([_from_canonical(c, record) for c in canonical]))
 
 
-def labels_to_native(probs: torch.Tensor, record: SpatialRecord) -> np.ndarray:
+def labels_to_native(probs: torch.Tensor, record: SpatialRecord, nested: bool = False) -> np.ndarray:
     """(C, model grid) probabilities -> uint8 labels on the native grid.
 
-    Probabilities (not model-resolution labels) are resampled, then the argmax is taken; the
-    reorientation is a pure axis permutation/flip, so it is applied to the cheap uint8 result.
+    Probabilities (not model-resolution labels) are resampled, then the labels are decided
+    (``decide_labels``); the reorientation is a pure axis permutation/flip, so it is applied
+    to the cheap uint8 result.
     """
-    canonical = argmax_channels(_canonical_probabilities(probs, record)).numpy()
+    canonical = decide_labels(_canonical_probabilities(probs, record), nested).numpy()
     return _from_canonical(canonical, record)

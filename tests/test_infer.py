@@ -171,6 +171,28 @@ def test_dicom_series_and_nifti_give_the_same_mask(real_bundle: Path, tmp_path: 
     np.testing.assert_array_equal(np.asarray(written.dataobj), from_dicom.labels)
 
 
+def test_plan_decision_rule_reaches_the_native_grid(real_bundle: Path) -> None:
+    """Argmax, or the nested-class rule (label > 0 exactly where P(background) < 0.5), as the
+    plan says, on both resampling paths; the nested foreground contains the argmax one."""
+    volume = read_ct(shared_file("dicom/tsexample_series"))
+    bundle = load_bundle(real_bundle)
+    masks = {}
+    for nested in (False, True):
+        bundle.plan.infer.nested_classes = nested
+        with_probs = predict_volume(volume, bundle, postprocess=False, keep_probabilities=True)
+        probs = with_probs.probabilities
+        assert probs is not None
+        if nested:
+            np.testing.assert_array_equal(with_probs.labels > 0, probs[0] < 0.5)
+        else:
+            np.testing.assert_array_equal(with_probs.labels, probs.argmax(0))
+        labels_only = predict_volume(volume, bundle, postprocess=False).labels
+        np.testing.assert_array_equal(labels_only, with_probs.labels)
+        masks[nested] = labels_only > 0
+    assert masks[False].sum() > 1000
+    assert not np.any(masks[False] & ~masks[True])
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs, batch behaviour
 

@@ -14,6 +14,7 @@ from liverseg.config import IntensityConfig, PreprocessConfig
 from liverseg.io import Volume, read_ct, read_label, save_volume, write_mask
 from liverseg.modelspace import (
     argmax_channels,
+    decide_labels,
     label_to_model_probabilities,
     label_to_model_space,
     labels_to_native,
@@ -158,3 +159,16 @@ def test_argmax_channels_matches_torch() -> None:
     probs = torch.rand(3, 20, 21, 22)
     probs[:, 0, 0, 0] = 0.5  # a tie goes to the lower class, like torch.argmax
     np.testing.assert_array_equal(argmax_channels(probs).numpy(), probs.argmax(0).numpy())
+
+
+def test_nested_decision_keeps_split_foreground() -> None:
+    # Voxels: background wins outright; foreground split between liver and tumour (argmax says
+    # background, the nested rule liver); tumour most likely; a tie at exactly one half.
+    probs = torch.tensor([[0.6, 0.4, 0.3, 0.5],
+                          [0.2, 0.35, 0.3, 0.3],
+                          [0.2, 0.25, 0.4, 0.2]])
+    assert argmax_channels(probs).tolist() == [0, 0, 2, 0]
+    assert decide_labels(probs, nested=True).tolist() == [0, 1, 2, 0]
+    assert decide_labels(probs, nested=False).tolist() == [0, 0, 2, 0]
+    # Two classes: both rules are the argmax.
+    assert decide_labels(probs[:2], nested=True).tolist() == argmax_channels(probs[:2]).tolist()
