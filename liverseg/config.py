@@ -100,6 +100,9 @@ class TrainConfig(_Strict):
     # Mirroring left-right teaches the network that a liver may sit on the left, which invites
     # spleen confusions when training data is scarce; the shipped recipe turns flips off.
     flip_axes: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    # Probability that a patch gets 1-3 synthetic hypodense tumours painted into its liver
+    # (liverseg/synthetic.py); 0 turns it off.
+    synthetic_tumours: float = Field(default=0.0, ge=0.0, le=1.0)
     num_workers: int = Field(default=0, ge=0)
     cache_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     amp: bool = True  # used on CUDA only

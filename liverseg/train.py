@@ -184,6 +184,10 @@ def _transforms(config: Config) -> tuple[Callable, Callable]:
     random_part: list[Callable] = [RandCropByPosNegLabeld(
         keys, label_key="label", spatial_size=t.patch_size, pos=pos, neg=1.0 - pos, num_samples=1,
         fg_indices_key="label_fg", bg_indices_key="label_bg")]
+    if t.synthetic_tumours > 0:
+        from liverseg.synthetic import RandSyntheticTumourd
+
+        random_part.append(RandSyntheticTumourd(("image", "label"), prob=t.synthetic_tumours))
     if t.augment:
         random_part += [
             RandAffined(keys, prob=0.2, rotate_range=[math.radians(15)] * 3, scale_range=[0.15] * 3,
