@@ -7,8 +7,8 @@ Stages (each can be rerun alone; all write under --work, default runs/shipped):
 * ``prepare``  preprocess ../shared/data/liver with the recipe (configs/liver_default.yaml) and
   write one splits file per run: leave-one-out folds over the expert-labelled cases (ircadb01,
   ircadb07; the model-labelled tsexample always trains) and the final run on all cases.
-* ``train``    ``liverseg train`` for the two folds side by side (the cores split evenly between
-  them), then the final model alone on all cores; logs in WORK/<run>.log. Reruns resume.
+* ``train``    ``liverseg train`` for the two folds and the final model, side by side (the cores
+  split evenly between them); logs in WORK/<run>.log. Reruns resume.
 * ``evaluate`` each fold's last weights on its held-out case, at the CT's native resolution
   through the full inference path (read -> model space -> network -> native grid -> postprocess),
   for each candidate inference window and decision rule; writes WORK/cv.json.
@@ -180,7 +180,7 @@ def package(work: Path) -> None:
                          for case, row in per_case.items()},
         },
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch CPU build; "
-                   "the two CV folds trained side by side (one core each), the final model alone",
+                   "the two CV folds and the final model trained side by side",
         "limits": [
             "Trained on three CT scans: expect failures on unusual anatomy, non-contrast or very "
             "low-dose scans, and partial fields of view.",
@@ -203,6 +203,8 @@ def package(work: Path) -> None:
     lines += ["", "## Training", f"- command: `{card['command']}` (config `{card['config']}`)"]
     lines += [f"- {k}: {v}" for k, v in card["training"].items()]
     lines += ["", "## Cross-validated Dice (held-out case, native grid)", "",
+              f"Inference window {card['cross_validation']['window']}, decision rule: "
+              f"{card['cross_validation']['decision']} (both chosen by this CV).", "",
               "| case | liver Dice | liver HD95 (mm) | tumour Dice |", "|---|---|---|---|"]
     for case, row in card["cross_validation"]["per_case"].items():
         lines.append(f"| {case} | {row['liver_dice']:.4f} | {row['liver_hd95_mm']:.1f} "
@@ -220,17 +222,13 @@ def main() -> None:
     parser.add_argument("stage", choices=["prepare", "train", "evaluate", "package", "all"])
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "shipped")
     parser.add_argument("--runs", nargs="*", default=None,
-                        help="train only these runs, side by side (default: the folds, then final)")
+                        help="train only these runs (default: all three, side by side)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage in ("prepare", "all"):
         prepare(args.work)
     if args.stage in ("train", "all"):
-        if args.runs:
-            train(args.work, args.runs)
-        else:
-            train(args.work, [name for name in runs() if name != "final"])
-            train(args.work, ["final"])
+        train(args.work, args.runs or list(runs()))
     if args.stage in ("evaluate", "all"):
         evaluate(args.work)
     if args.stage in ("package", "all"):
