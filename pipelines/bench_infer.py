@@ -23,6 +23,7 @@ default architecture (speed does not depend on the weights). Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -197,6 +198,9 @@ def main() -> None:
         "benchmark": "liverseg infer vs MONAI-bundle-style inference, end to end per case",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
         "model": str(args.model or "shipped bundle if present, else untrained default architecture"),
+        # Which weights were timed, so a model card quotes figures of its own weights only.
+        "weights_sha256": hashlib.sha256((Path(bundle) / "model.pt").read_bytes()).hexdigest(),
+        "roi_size": json.loads((Path(bundle) / "plan.json").read_text())["infer"]["roi_size"],
         "repeats": args.repeats,
         "rows": rows,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
