@@ -69,8 +69,12 @@ def save_bundle(directory: str | Path, plan: Config, state_dict: dict[str, torch
         if ident not in converted:
             converted[ident] = tensor.half() if tensor.is_floating_point() else tensor
         compact[key] = converted[ident]
+    # Serialised in memory first: torch.save names the zip's records after the file it writes,
+    # so saving to a temporary name would make the same weights give different bytes.
+    buffer = _io.BytesIO()
+    torch.save(compact, buffer)
     with atomic_path(out / WEIGHTS_FILE) as tmp:
-        torch.save(compact, tmp)
+        tmp.write_bytes(buffer.getvalue())
     plan_data = {"bundle_format": BUNDLE_FORMAT, **plan.model_dump(mode="json")}
     write_text_atomic(out / PLAN_FILE, json.dumps(plan_data, indent=2) + "\n")
     if card is not None:

@@ -325,3 +325,18 @@ def test_tta_flips_only_axes_the_model_was_trained_mirrored_on(tiny_bundle: Path
     assert result.exit_code == 2
     assert "without mirroring" in result.stderr and "\n" not in result.stderr.strip()
     assert not out.exists()
+
+
+def test_saving_the_same_weights_twice_gives_the_same_bytes(tmp_path: Path) -> None:
+    """model.pt is a function of the weights (the card's benchmark check compares its hash)."""
+    import torch
+
+    cfg = Config(model=ModelConfig(filters=[8, 16, 32, 64], kernel_size=[3, 3, 3, 3],
+                                   strides=[1, 2, 2, 2], deep_supr_num=1))
+    state = build_network(cfg.model).state_dict()
+    first = save_bundle(tmp_path / "a", cfg, state) / "model.pt"
+    second = save_bundle(tmp_path / "b", cfg, state) / "model.pt"
+    assert first.read_bytes() == second.read_bytes()
+    loaded = load_bundle(tmp_path / "a").network.state_dict()
+    assert all(torch.equal(loaded[k], state[k].half().float()) for k in state
+               if state[k].is_floating_point())
