@@ -115,6 +115,7 @@ def evaluate(work: Path, config: Path) -> dict:
     from liverseg.metrics import score_binary
 
     torch.set_num_threads(2)
+    settings = candidates(config)
     results: dict = {"cases": {}, "candidates": {}}
     for name, split in runs().items():
         if not split["val"] or not (work / name / "model.pt").is_file():
@@ -123,7 +124,7 @@ def evaluate(work: Path, config: Path) -> dict:
         for case in split["val"]:
             volume = read_ct(DATA / "imagesTr" / f"{case}.nii.gz")
             reference = read_label(DATA / "labelsTr" / f"{case}.nii.gz")
-            for window, nested in candidates(config):
+            for window, nested in settings:
                 bundle.plan.infer.roi_size = window
                 bundle.plan.infer.nested_classes = nested
                 start = time.perf_counter()
@@ -141,7 +142,7 @@ def evaluate(work: Path, config: Path) -> dict:
                 print(f"{name} {case} {key}: liver Dice {liver['dice']:.4f} "
                       f"HD95 {liver['hd95_mm']:.1f} mm, tumour Dice {tumour['dice']:.4f} ({seconds:.1f} s)",
                       flush=True)
-    for window, nested in candidates(config):
+    for window, nested in settings:
         key = candidate_key(window, nested)
         dices = [rows[key]["liver"]["dice"] for rows in results["cases"].values() if key in rows]
         if dices:
@@ -278,6 +279,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", default=None,
                         help="train only these runs (default: all three, side by side)")
     args = parser.parse_args()
+    if not args.config.is_file():
+        sys.exit(f"{args.config}: recipe not found; give a YAML file such as configs/liver_default.yaml")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage in ("prepare", "all"):
         prepare(args.work, args.config)
