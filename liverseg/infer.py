@@ -9,9 +9,8 @@ An oblique scan (voxel axes rotated against the patient/world axes) is first res
 world-aligned grid at the plan spacing, so the network sees upright anatomy as in training; its
 probabilities come back through the same coarse oblique grid.
 
-At 3 mm a body-cropped abdomen usually fits in one 128^3 window, so the sliding window makes a
-single forward pass; the window is also shrunk to the (stride-padded) image so a small image is
-not padded up to a full ROI.
+At 3 to 4 mm a body-cropped abdomen fits in a few windows of the plan's size; the window is
+shrunk to the (stride-padded) image so a small image is not padded up to a full ROI.
 """
 
 from __future__ import annotations

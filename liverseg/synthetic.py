@@ -30,8 +30,8 @@ def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomStat
                  min_radius: float = 3.0, max_radius: float = 18.0) -> bool:
     """Paint one tumour into (X, Y, Z) ``image``/``label`` in place; False if there is no liver.
 
-    Radii are in voxels (3 to 18 voxels: 1.8 to 11 cm across at 3 mm), drawn log-uniformly so
-    small and large masses are equally common.
+    Radii are in voxels (3 to 18 voxels: 1.8 to 11 cm across at 3 mm, 2.4 to 14 cm at 4 mm), drawn
+    log-uniformly so small and large masses are equally common.
     """
     liver = label == LIVER
     candidates = np.flatnonzero(liver)

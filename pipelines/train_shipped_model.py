@@ -194,10 +194,11 @@ def package(work: Path, config: Path) -> None:
     if PACKAGE_DIR.exists():
         shutil.rmtree(PACKAGE_DIR)
     per_case = {case: rows[chosen] for case, rows in cv["cases"].items()}
+    voxel = "x".join(f"{v:g}" for v in bundle.plan.preprocess.target_spacing) + " mm"
     card = {
         "name": "liver_default",
         "version": f"{__version__}-{time.strftime('%Y%m%d')}",
-        "description": "Liver and liver-tumour segmentation of abdominal CT at 3 mm, CPU-first.",
+        "description": f"Liver and liver-tumour segmentation of abdominal CT at {voxel} voxels, CPU-first.",
         "labels": {"0": "background", "1": "liver", "2": "tumour"},
         "trained_on": train_card["trained_on"]["train_cases"],
         "data": {
@@ -226,7 +227,7 @@ def package(work: Path, config: Path) -> None:
             "Trained on three CT scans: expect failures on unusual anatomy, non-contrast or very "
             "low-dose scans, and partial fields of view.",
             "Tumour segmentation is weak (two training cases with tumours).",
-            "3 mm resolution: small structures and the liver's thin edges are approximate.",
+            f"{voxel} voxels: small structures and the liver's thin edges are approximate.",
         ],
     }
     card["inference"] = inference
@@ -235,9 +236,9 @@ def package(work: Path, config: Path) -> None:
         card["status"] = "provisional"
         card["limits"].insert(0, f"Provisional: cross-validated liver Dice (worst case {worst:.3f}) is "
                                  f"below the {TARGET_CV_DICE} target. Each fold learns from two CTs; "
-                                 "what they lack is missed in the held-out case (ircadb07: a tumour "
-                                 "filling a third of the liver is left out, and the heart, outside the "
-                                 "other scans' field of view, is taken for liver).")
+                                 "what they lack is missed in the held-out case (ircadb07: half of a "
+                                 "tumour filling a third of the liver is left out, and the fluid-filled "
+                                 "stomach against the left lobe is taken for tumour).")
     iterations, planned = train_card.get("iterations"), train_card["config"]["train"]["iterations"]
     if iterations is not None and iterations < planned:
         card["limits"].append(f"Training stopped at its time limit after {iterations} of {planned} steps.")
