@@ -49,10 +49,10 @@ def _box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """``mask`` plus its enclosed cavities: background components (face connectivity) that do not
     reach the array's border. Same result as ``ndimage.binary_fill_holes``, about 4x faster."""
-    outside, _ = ndimage.label(~mask, structure=_FACES)
+    outside, count = ndimage.label(~mask, structure=_FACES)
     border = np.concatenate([outside[0].ravel(), outside[-1].ravel(), outside[:, 0].ravel(),
                              outside[:, -1].ravel(), outside[:, :, 0].ravel(), outside[:, :, -1].ravel()])
-    reaches_border = np.zeros(int(outside.max()) + 1, dtype=bool)
+    reaches_border = np.zeros(count + 1, dtype=bool)
     reaches_border[border] = True
     reaches_border[0] = False  # label 0 is the mask itself
     return ~reaches_border[outside]
