@@ -5,8 +5,10 @@ tumour it has never seen is predicted as background, which costs liver Dice (lab
 as tumour Dice. Following the idea of Hu et al., "Label-Free Liver Tumor Segmentation" (CVPR
 2023), patches get hypodense masses painted into the liver: an ellipsoid with a noisy outline,
 darker than the surrounding liver by a random amount, with its own texture and a soft edge, and
-labelled tumour. The mass is confined to the labelled liver, so the liver's outline stays the
-expert's.
+labelled tumour. A mass in the liver's interior is confined to the labelled liver, so the liver's
+outline stays the expert's. A mass on the liver's surface may instead bulge out into the soft tissue
+next to it (``bulge``), as large real tumours do: the outside part is labelled tumour too, so the
+network learns that a dark mass at the liver's edge belongs to the liver (label > 0).
 
 Works on windowed intensities (model space, roughly 0..1 over the window) in a (1, X, Y, Z)
 patch with its (1, X, Y, Z) label map; a MONAI randomizable transform so that the patch stream's
@@ -27,18 +29,27 @@ LIVER, TUMOUR = 1, 2
 
 
 def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomState, *,
-                 min_radius: float = 3.0, max_radius: float = 18.0) -> bool:
+                 min_radius: float = 3.0, max_radius: float = 18.0, bulge: bool = False) -> bool:
     """Paint one tumour into (X, Y, Z) ``image``/``label`` in place; False if there is no liver.
 
     Radii are in voxels (3 to 18 voxels: 1.8 to 11 cm across at 3 mm, 2.4 to 14 cm at 4 mm), drawn
-    log-uniformly so small and large masses are equally common.
+    log-uniformly so small and large masses are equally common. With ``bulge`` the mass is centred
+    just inside the liver's surface and also covers the adjacent soft tissue (not air, fat or bone)
+    within its connected piece, so it reads as one mass growing out of the liver.
     """
     liver = label == LIVER
-    candidates = np.flatnonzero(liver)
-    if candidates.size == 0:
+    if not liver.any():
         return False
-    centre = np.array(np.unravel_index(candidates[rng.randint(candidates.size)], label.shape))
     radius = math.exp(rng.uniform(math.log(min_radius), math.log(max_radius)))
+    candidates = np.flatnonzero(liver)
+    if bulge:
+        # Centred 0.3 to 0.6 radii inside the surface: a cap of the mass (less than half of it)
+        # sticks out, as in a tumour that deforms the liver's outline rather than sits beside it.
+        depth = ndimage.distance_transform_edt(label > 0)
+        near_surface = np.flatnonzero(liver & (depth >= 0.3 * radius) & (depth <= 0.6 * radius))
+        if near_surface.size:
+            candidates = near_surface
+    centre = np.array(np.unravel_index(candidates[rng.randint(candidates.size)], label.shape))
     radii = radius * rng.uniform(0.75, 1.25, size=3)
     reach = np.ceil(radii * 1.3).astype(int) + 1
     low = np.maximum(centre - reach, 0)
@@ -51,11 +62,19 @@ def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomStat
     coarse = rng.normal(0.0, 0.15, size=(4, 4, 4))
     lumps = ndimage.zoom(coarse, [s / 4 for s in shape], order=3)[: shape[0], : shape[1], : shape[2]]
     alpha = 1.0 / (1.0 + np.exp((distance + lumps - 1.0) / 0.08))  # soft edge, 0.5 on the outline
-    region_liver = label[box] > 0
-    alpha = np.where(region_liver, alpha, 0.0)
+    liver_level = float(np.median(image[liver]))
+    allowed = label[box] > 0
+    if bulge:
+        # Soft tissue: from about 130 HU below the liver to 60 HU above it (window -175..250 HU), relative to
+        # the liver's own level so that it holds for any window; keeps air, fat and bone unpainted.
+        region = image[box]
+        soft = (region > liver_level - 0.3) & (region < liver_level + 0.15)
+        pieces, _ = ndimage.label((alpha > 0.5) & (allowed | soft))
+        centre_piece = pieces[tuple(centre - low)]
+        allowed = allowed | ((pieces == centre_piece) & (centre_piece > 0))
+    alpha = np.where(allowed, alpha, 0.0)
     if not np.any(alpha > 0.5):
         return False
-    liver_level = float(np.median(image[liver]))
     # 0.1..0.4 of the window below the liver (about 40..170 HU darker for -175..250 HU).
     level = liver_level - rng.uniform(0.1, 0.4)
     texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, size=shape), sigma=1.0)
@@ -67,14 +86,16 @@ def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomStat
 
 
 class RandSyntheticTumourd(RandomizableTransform, MapTransform):
-    """With probability ``prob``, paint 1 to ``max_count`` synthetic tumours into a patch."""
+    """With probability ``prob``, paint 1 to ``max_count`` synthetic tumours into a patch; each one
+    bulges out of the liver's surface with probability ``bulge_prob``."""
 
     def __init__(self, keys: tuple[Hashable, Hashable] = ("image", "label"), prob: float = 0.5,
-                 max_count: int = 3) -> None:
+                 max_count: int = 3, bulge_prob: float = 0.0) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.image_key, self.label_key = keys
         self.max_count = max_count
+        self.bulge_prob = bulge_prob
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         out = dict(data)
@@ -84,7 +105,11 @@ class RandSyntheticTumourd(RandomizableTransform, MapTransform):
         image = np.array(torch.as_tensor(out[self.image_key])[0], dtype=np.float32)
         label = np.array(torch.as_tensor(out[self.label_key])[0])
         count = 1 + self.R.randint(self.max_count)
-        painted = [paint_tumour(image, label, self.R) for _ in range(count)]
+        # The bulge draw comes after the count draw only when bulging is on, so that recipes
+        # without it see the same random stream as before.
+        painted = [paint_tumour(image, label, self.R,
+                                bulge=self.bulge_prob > 0 and self.R.uniform() < self.bulge_prob)
+                   for _ in range(count)]
         if any(painted):
             out[self.image_key] = torch.from_numpy(image[None])
             out[self.label_key] = torch.from_numpy(label[None].astype(np.float32))

@@ -187,7 +187,8 @@ def _transforms(config: Config) -> tuple[Callable, Callable]:
     if t.synthetic_tumours > 0:
         from liverseg.synthetic import RandSyntheticTumourd
 
-        random_part.append(RandSyntheticTumourd(("image", "label"), prob=t.synthetic_tumours))
+        random_part.append(RandSyntheticTumourd(("image", "label"), prob=t.synthetic_tumours,
+                                                bulge_prob=t.synthetic_tumour_bulge))
     if t.augment:
         random_part += [
             RandAffined(keys, prob=0.2, rotate_range=[math.radians(15)] * 3, scale_range=[0.15] * 3,

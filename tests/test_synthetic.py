@@ -1,4 +1,5 @@
-"""Synthetic tumours: painted inside the liver only, darker than it, labelled tumour, reproducible."""
+"""Synthetic tumours: painted inside the liver (or bulging from its surface into soft tissue only),
+darker than it, labelled tumour, reproducible."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from conftest import REPO, TRAINED_CASE
+from scipy import ndimage
 
 from liverseg.config import load_config
 from liverseg.synthetic import LIVER, TUMOUR, RandSyntheticTumourd, paint_tumour
@@ -35,6 +37,25 @@ def test_tumour_is_inside_the_liver_darker_and_labelled() -> None:
     np.testing.assert_array_equal(label[outside], 0)
     # Liver voxels that did not become tumour keep their label.
     assert np.all(label[(original_label == LIVER) & ~tumour] == LIVER)
+
+
+def test_bulging_tumour_grows_out_of_the_surface_into_soft_tissue_only() -> None:
+    image, label = _phantom()
+    # Air on one side of the phantom: a bulge must not paint it.
+    image[:, :, :6] = 0.0
+    original_image, original_label = image.copy(), label.copy()
+    assert paint_tumour(image, label, np.random.RandomState(3), min_radius=6, max_radius=8, bulge=True)
+    tumour = label == TUMOUR
+    inside, outside = tumour & (original_label == LIVER), tumour & (original_label == 0)
+    assert inside.sum() > 50 and outside.sum() > 50, (inside.sum(), outside.sum())
+    # The outside part is the same mass: it takes the inside part's level, not the tissue's it covers.
+    assert abs(image[outside].mean() - image[inside].mean()) < 0.05
+    assert image[inside].mean() < original_image[inside].mean() - 0.08
+    # One mass: the inside and outside parts are connected.
+    assert ndimage.label(tumour)[1] == 1
+    air = original_image < 0.2
+    np.testing.assert_array_equal(label[air], 0)
+    np.testing.assert_array_equal(image[air], original_image[air])
 
 
 def test_no_liver_no_tumour() -> None:
