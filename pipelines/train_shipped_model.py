@@ -236,8 +236,8 @@ def package(work: Path, config: Path) -> None:
         card["status"] = "provisional"
         card["limits"].insert(0, f"Provisional: cross-validated liver Dice (worst case {worst:.3f}) is "
                                  f"below the {TARGET_CV_DICE} target. Each fold learns from two CTs; "
-                                 "what they lack is missed in the held-out case (ircadb07: half of a "
-                                 "tumour filling a third of the liver is left out, and the fluid-filled "
+                                 "what they lack is missed in the held-out case (ircadb07: a fifth of "
+                                 "a tumour filling a third of the liver is left out, and the fluid-filled "
                                  "stomach against the left lobe is taken for tumour).")
     iterations, planned = train_card.get("iterations"), train_card["config"]["train"]["iterations"]
     if iterations is not None and iterations < planned:
