@@ -103,8 +103,8 @@ class TrainConfig(_Strict):
     # Probability that a patch gets 1-3 synthetic hypodense tumours painted into its liver
     # (liverseg/synthetic.py); 0 turns it off.
     synthetic_tumours: float = Field(default=0.0, ge=0.0, le=1.0)
-    # Probability that a synthetic tumour sits on the liver's surface and bulges out into the soft
-    # tissue next to it, as large real tumours do (labelled tumour, so liver Dice counts it).
+    # Probability that a synthetic tumour is centred just inside the liver's surface and bulges out
+    # into the soft tissue next to it, as large real tumours do (labelled tumour: liver Dice counts it).
     synthetic_tumour_bulge: float = Field(default=0.0, ge=0.0, le=1.0)
     num_workers: int = Field(default=0, ge=0)
     cache_rate: float = Field(default=1.0, ge=0.0, le=1.0)

@@ -6,9 +6,9 @@ as tumour Dice. Following the idea of Hu et al., "Label-Free Liver Tumor Segment
 2023), patches get hypodense masses painted into the liver: an ellipsoid with a noisy outline,
 darker than the surrounding liver by a random amount, with its own texture and a soft edge, and
 labelled tumour. A mass in the liver's interior is confined to the labelled liver, so the liver's
-outline stays the expert's. A mass on the liver's surface may instead bulge out into the soft tissue
-next to it (``bulge``), as large real tumours do: the outside part is labelled tumour too, so the
-network learns that a dark mass at the liver's edge belongs to the liver (label > 0).
+outline stays the expert's. A mass just inside the liver's surface may instead bulge out into the
+soft tissue next to it (``bulge``), as large real tumours do: the outside part is labelled tumour
+too, so the network learns that a dark mass at the liver's edge belongs to the liver (label > 0).
 
 Works on windowed intensities (model space, roughly 0..1 over the window) in a (1, X, Y, Z)
 patch with its (1, X, Y, Z) label map; a MONAI randomizable transform so that the patch stream's
