@@ -63,11 +63,12 @@ def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomStat
     lumps = ndimage.zoom(coarse, [s / 4 for s in shape], order=3)[: shape[0], : shape[1], : shape[2]]
     alpha = 1.0 / (1.0 + np.exp((distance + lumps - 1.0) / 0.08))  # soft edge, 0.5 on the outline
     liver_level = float(np.median(image[liver]))
+    region = image[box]
     allowed = label[box] > 0
     if bulge:
-        # Soft tissue: from about 130 HU below the liver to 60 HU above it (window -175..250 HU), relative to
-        # the liver's own level so that it holds for any window; keeps air, fat and bone unpainted.
-        region = image[box]
+        # Soft tissue: from about 130 HU below the liver to 60 HU above it (window -175..250 HU),
+        # relative to the liver's own level so that it holds for any window; keeps air, fat and
+        # bone unpainted.
         soft = (region > liver_level - 0.3) & (region < liver_level + 0.15)
         pieces, _ = ndimage.label((alpha > 0.5) & (allowed | soft))
         centre_piece = pieces[tuple(centre - low)]
@@ -79,7 +80,6 @@ def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomStat
     level = liver_level - rng.uniform(0.1, 0.4)
     texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, size=shape), sigma=1.0)
     texture *= rng.uniform(0.01, 0.05) / max(float(texture.std()), 1e-6)
-    region = image[box]
     image[box] = region * (1.0 - alpha) + (level + texture) * alpha
     label[box] = np.where(alpha > 0.5, TUMOUR, label[box])
     return True
