@@ -105,10 +105,7 @@ class RandSyntheticTumourd(RandomizableTransform, MapTransform):
         image = np.array(torch.as_tensor(out[self.image_key])[0], dtype=np.float32)
         label = np.array(torch.as_tensor(out[self.label_key])[0])
         count = 1 + self.R.randint(self.max_count)
-        # The bulge draw comes after the count draw only when bulging is on, so that recipes
-        # without it see the same random stream as before.
-        painted = [paint_tumour(image, label, self.R,
-                                bulge=self.bulge_prob > 0 and self.R.uniform() < self.bulge_prob)
+        painted = [paint_tumour(image, label, self.R, bulge=self.R.uniform() < self.bulge_prob)
                    for _ in range(count)]
         if any(painted):
             out[self.image_key] = torch.from_numpy(image[None])
