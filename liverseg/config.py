@@ -106,6 +106,9 @@ class TrainConfig(_Strict):
     # Probability that a synthetic tumour is centred just inside the liver's surface and bulges out
     # into the soft tissue next to it, as large real tumours do (labelled tumour: liver Dice counts it).
     synthetic_tumour_bulge: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Probability that a patch gets a decoy: a dark, thin-walled pouch (a stomach-like mass) painted
+    # just outside the liver and labelled background, the counterweight to bulging tumours.
+    synthetic_decoys: float = Field(default=0.0, ge=0.0, le=1.0)
     num_workers: int = Field(default=0, ge=0)
     cache_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     amp: bool = True  # used on CUDA only

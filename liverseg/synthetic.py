@@ -9,6 +9,10 @@ labelled tumour. A mass in the liver's interior is confined to the labelled live
 outline stays the expert's. A mass just inside the liver's surface may instead bulge out into the
 soft tissue next to it (``bulge``), as large real tumours do: the outside part is labelled tumour
 too, so the network learns that a dark mass at the liver's edge belongs to the liver (label > 0).
+That lesson has a cost: a fluid-filled stomach pressed against the left lobe is also a dark mass at
+the liver's edge. Decoys (``paint_decoy``) are its counterweight: dark, thin-walled pouches painted
+just outside the liver, touching it but leaving the liver itself intact, and labelled background.
+What separates the two is what a radiologist looks at: whether the liver's tissue is replaced.
 
 Works on windowed intensities (model space, roughly 0..1 over the window) in a (1, X, Y, Z)
 patch with its (1, X, Y, Z) label map; a MONAI randomizable transform so that the patch stream's
@@ -85,6 +89,54 @@ def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomStat
     return True
 
 
+def paint_decoy(image: np.ndarray, label: np.ndarray, rng: np.random.RandomState, *,
+                min_radius: float = 4.0, max_radius: float = 14.0) -> bool:
+    """Paint one dark, thin-walled pouch just outside the liver into (X, Y, Z) ``image`` in place,
+    leaving ``label`` background there; False if there is no liver or no room beside it.
+
+    Radii are in voxels (4 to 14: 3 to 11 cm across at 4 mm), log-uniform. The pouch is centred
+    outside the liver at 0.5 to 0.9 radii from it, so it touches or nearly touches the liver, and
+    covers only body tissue that is not liver or tumour (not air, not bone). Its content is as dark
+    as a synthetic tumour (0.1..0.4 of the window below the liver) and its one-voxel wall is about
+    as bright as the liver, like a stomach's enhancing wall.
+    """
+    organ = label > 0
+    if not organ.any():
+        return False
+    radius = math.exp(rng.uniform(math.log(min_radius), math.log(max_radius)))
+    liver_level = float(np.median(image[label == LIVER])) if (label == LIVER).any() else float(
+        np.median(image[organ]))
+    # Body tissue beside the liver: fat up to well-enhanced soft tissue, no air or lung, no bone.
+    tissue = ~organ & (image > liver_level - 0.5) & (image < liver_level + 0.25)
+    distance = ndimage.distance_transform_edt(~organ)
+    candidates = np.flatnonzero(tissue & (distance >= 0.5 * radius) & (distance <= 0.9 * radius))
+    if not candidates.size:
+        return False
+    centre = np.array(np.unravel_index(candidates[rng.randint(candidates.size)], label.shape))
+    radii = radius * rng.uniform(0.75, 1.25, size=3)
+    reach = np.ceil(radii * 1.3).astype(int) + 1
+    low = np.maximum(centre - reach, 0)
+    high = np.minimum(centre + reach + 1, label.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+    grid = np.ogrid[tuple(slice(int(a - c), int(b - c)) for a, b, c in zip(low, high, centre, strict=True))]
+    ellipsoid = np.sqrt(sum((g / r) ** 2 for g, r in zip(grid, radii, strict=True))) < 1.0
+    # The connected piece of allowed tissue around the centre: the pouch does not jump over air.
+    pieces, _ = ndimage.label(ellipsoid & tissue[box])
+    centre_piece = pieces[tuple(centre - low)]
+    if centre_piece == 0:
+        return False
+    pouch = pieces == centre_piece
+    wall = pouch & ~ndimage.binary_erosion(pouch)
+    region = image[box]
+    content = liver_level - rng.uniform(0.1, 0.4)
+    texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, size=pouch.shape), sigma=1.0)
+    texture *= rng.uniform(0.01, 0.05) / max(float(texture.std()), 1e-6)
+    wall_level = liver_level + rng.uniform(-0.1, 0.05)
+    painted = np.where(wall, wall_level, content + texture)
+    image[box] = np.where(pouch, painted, region)
+    return True
+
+
 class RandSyntheticTumourd(RandomizableTransform, MapTransform):
     """With probability ``prob``, paint 1 to ``max_count`` synthetic tumours into a patch; each one
     bulges out of the liver's surface with probability ``bulge_prob``."""
@@ -110,4 +162,25 @@ class RandSyntheticTumourd(RandomizableTransform, MapTransform):
         if any(painted):
             out[self.image_key] = torch.from_numpy(image[None])
             out[self.label_key] = torch.from_numpy(label[None].astype(np.float32))
+        return out
+
+
+class RandSyntheticDecoyd(RandomizableTransform, MapTransform):
+    """With probability ``prob``, paint one dark pouch labelled background just outside the liver
+    (``paint_decoy``); the label map is left as it is."""
+
+    def __init__(self, keys: tuple[Hashable, Hashable] = ("image", "label"), prob: float = 0.5) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.image_key, self.label_key = keys
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        out = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return out
+        image = np.array(torch.as_tensor(out[self.image_key])[0], dtype=np.float32)
+        label = np.asarray(torch.as_tensor(out[self.label_key])[0])
+        if paint_decoy(image, label, self.R):
+            out[self.image_key] = torch.from_numpy(image[None])
         return out

@@ -189,6 +189,10 @@ def _transforms(config: Config) -> tuple[Callable, Callable]:
 
         random_part.append(RandSyntheticTumourd(("image", "label"), prob=t.synthetic_tumours,
                                                 bulge_prob=t.synthetic_tumour_bulge))
+    if t.synthetic_decoys > 0:
+        from liverseg.synthetic import RandSyntheticDecoyd
+
+        random_part.append(RandSyntheticDecoyd(("image", "label"), prob=t.synthetic_decoys))
     if t.augment:
         random_part += [
             RandAffined(keys, prob=0.2, rotate_range=[math.radians(15)] * 3, scale_range=[0.15] * 3,

@@ -1,5 +1,5 @@
 """Synthetic tumours: painted inside the liver (or bulging from its surface into soft tissue only),
-darker than it, labelled tumour, reproducible."""
+darker than it, labelled tumour, reproducible. Decoys: dark pouches beside the liver, background."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from conftest import REPO, TRAINED_CASE
 from scipy import ndimage
 
 from liverseg.config import load_config
-from liverseg.synthetic import LIVER, TUMOUR, RandSyntheticTumourd, paint_tumour
+from liverseg.synthetic import (
+    LIVER,
+    TUMOUR,
+    RandSyntheticDecoyd,
+    RandSyntheticTumourd,
+    paint_decoy,
+    paint_tumour,
+)
 
 
 def _phantom(shape: tuple[int, int, int] = (48, 48, 40)) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +65,45 @@ def test_bulging_tumour_grows_out_of_the_surface_into_soft_tissue_only() -> None
     np.testing.assert_array_equal(image[air], original_image[air])
 
 
+def test_decoy_is_a_dark_walled_pouch_beside_the_liver_labelled_background() -> None:
+    image, label = _phantom()
+    image[:, :, :6] = 0.0  # air on one side: a decoy must not paint it
+    original_image, original_label = image.copy(), label.copy()
+    assert paint_decoy(image, label, np.random.RandomState(2), min_radius=5, max_radius=7)
+    np.testing.assert_array_equal(label, original_label)
+    changed = image != original_image
+    assert changed.sum() > 50
+    assert not (changed & (original_label > 0)).any(), "the decoy painted over the liver"
+    air = original_image < 0.2
+    assert not (changed & air).any(), "the decoy painted air"
+    # Beside the liver: its nearest voxel is at most a voxel or two away.
+    distance = ndimage.distance_transform_edt(original_label == 0)
+    assert distance[changed].min() <= 2.0
+    # Dark content inside a wall about as bright as the liver.
+    content = changed & ndimage.binary_erosion(changed)
+    wall = changed & ~content
+    assert content.sum() > 0 and wall.sum() > 0
+    liver_level = float(np.median(original_image[original_label == LIVER]))
+    assert image[content].mean() < liver_level - 0.08
+    assert image[wall].mean() > image[content].mean() + 0.03
+    assert ndimage.label(changed)[1] == 1
+
+
+def test_decoy_transform_is_reproducible_and_keeps_the_label() -> None:
+    image, label = _phantom()
+    patch = {"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label[None])}
+    decoys = RandSyntheticDecoyd(prob=1.0)
+    results = []
+    for _ in range(2):
+        decoys.set_random_state(seed=5)
+        results.append(decoys(patch))
+    assert torch.equal(results[0]["image"], results[1]["image"])
+    assert not torch.equal(results[0]["image"], patch["image"])
+    assert torch.equal(results[0]["label"], patch["label"])
+    no_liver = {"image": patch["image"], "label": torch.zeros_like(patch["label"])}
+    assert torch.equal(decoys(no_liver)["image"], patch["image"])
+
+
 def test_no_liver_no_tumour() -> None:
     image, label = _phantom()
     label[:] = 0
@@ -81,17 +127,33 @@ def test_transform_is_reproducible_and_respects_probability() -> None:
     assert never(patch)["image"] is patch["image"]
 
 
-def test_training_patches_of_real_ct_get_tumours(small_liver_cache: Path) -> None:
-    """train.synthetic_tumours reaches the patch stream: patches of real CT gain dark tumours."""
+def _real_patches(cache: Path, overrides: list[str]) -> list[dict]:
+    """The first four training patches of real CT (cpu_small recipe, augmentation off)."""
     from liverseg.train import PatchStream, _load_case, _transforms
 
-    labels = {}
-    for probability in (0.0, 1.0):
-        config = load_config(REPO / "configs" / "cpu_small.yaml",
-                             [f"train.synthetic_tumours={probability}", "train.pos_fraction=1.0"])
-        fixed, random_part = _transforms(config)
-        case = fixed(_load_case(small_liver_cache, TRAINED_CASE))
-        stream = PatchStream([case], random_part, seed=0)
-        labels[probability] = [stream[g]["label"] for g in range(4)]
-    tumour_voxels = [[int((lab == TUMOUR).sum()) for lab in labels[p]] for p in (0.0, 1.0)]
+    config = load_config(REPO / "configs" / "cpu_small.yaml",
+                         ["train.pos_fraction=1.0", "train.augment=false", *overrides])
+    fixed, random_part = _transforms(config)
+    stream = PatchStream([fixed(_load_case(cache, TRAINED_CASE))], random_part, seed=0)
+    return [stream[g] for g in range(4)]
+
+
+def test_training_patches_of_real_ct_get_tumours(small_liver_cache: Path) -> None:
+    """train.synthetic_tumours reaches the patch stream: patches of real CT gain dark tumours."""
+    tumour_voxels = [[int((patch["label"] == TUMOUR).sum())
+                      for patch in _real_patches(small_liver_cache, [f"train.synthetic_tumours={p}"])]
+                     for p in (0.0, 1.0)]
     assert sum(tumour_voxels[1]) > sum(tumour_voxels[0]) + 100, tumour_voxels
+
+
+def test_training_patches_of_real_ct_get_decoys(small_liver_cache: Path) -> None:
+    """train.synthetic_decoys reaches the patch stream: images change beside the liver, labels do not."""
+    plain = _real_patches(small_liver_cache, ["train.synthetic_decoys=0.0"])
+    decoyed = _real_patches(small_liver_cache, ["train.synthetic_decoys=1.0"])
+    painted = 0
+    for before, after in zip(plain, decoyed, strict=True):
+        assert torch.equal(before["label"], after["label"])
+        changed = before["image"] != after["image"]
+        assert not (changed & (before["label"] > 0)).any()
+        painted += int(changed.sum())
+    assert painted > 100, painted
