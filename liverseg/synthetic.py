@@ -154,8 +154,8 @@ class RandSyntheticTumourd(RandomizableTransform, MapTransform):
         self.randomize(None)
         if not self._do_transform:
             return out
-        image = np.array(torch.as_tensor(out[self.image_key])[0], dtype=np.float32)
-        label = np.array(torch.as_tensor(out[self.label_key])[0])
+        image = torch.as_tensor(out[self.image_key])[0].numpy().astype(np.float32)
+        label = torch.as_tensor(out[self.label_key])[0].numpy().copy()
         count = 1 + self.R.randint(self.max_count)
         painted = [paint_tumour(image, label, self.R, bulge=self.R.uniform() < self.bulge_prob)
                    for _ in range(count)]
@@ -179,8 +179,8 @@ class RandSyntheticDecoyd(RandomizableTransform, MapTransform):
         self.randomize(None)
         if not self._do_transform:
             return out
-        image = np.array(torch.as_tensor(out[self.image_key])[0], dtype=np.float32)
-        label = np.asarray(torch.as_tensor(out[self.label_key])[0])
+        image = torch.as_tensor(out[self.image_key])[0].numpy().astype(np.float32)
+        label = torch.as_tensor(out[self.label_key])[0].numpy()
         if paint_decoy(image, label, self.R):
             out[self.image_key] = torch.from_numpy(image[None])
         return out
