@@ -32,6 +32,26 @@ from scipy import ndimage
 LIVER, TUMOUR = 1, 2
 
 
+def _ellipsoid(centre: np.ndarray, radius: float, shape: tuple[int, ...], rng: np.random.RandomState
+               ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+    """An ellipsoid with radii within 25% of ``radius`` around ``centre``: the box that holds it
+    (with room for a lumpy outline), the box's low corner and the normalised distance (1 on the
+    outline) over the box."""
+    radii = radius * rng.uniform(0.75, 1.25, size=3)
+    reach = np.ceil(radii * 1.3).astype(int) + 1
+    low = np.maximum(centre - reach, 0)
+    high = np.minimum(centre + reach + 1, shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+    grid = np.ogrid[tuple(slice(int(a - c), int(b - c)) for a, b, c in zip(low, high, centre, strict=True))]
+    return box, low, np.sqrt(sum((g / r) ** 2 for g, r in zip(grid, radii, strict=True)))
+
+
+def _texture(shape: tuple[int, ...], rng: np.random.RandomState) -> np.ndarray:
+    """Smooth zero-mean noise of random strength (0.01..0.05 of the window) for a mass's inside."""
+    texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, size=shape), sigma=1.0)
+    return texture * (rng.uniform(0.01, 0.05) / max(float(texture.std()), 1e-6))
+
+
 def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomState, *,
                  min_radius: float = 3.0, max_radius: float = 18.0, bulge: bool = False) -> bool:
     """Paint one tumour into (X, Y, Z) ``image``/``label`` in place; False if there is no liver.
@@ -54,13 +74,7 @@ def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomStat
         if near_surface.size:
             candidates = near_surface
     centre = np.array(np.unravel_index(candidates[rng.randint(candidates.size)], label.shape))
-    radii = radius * rng.uniform(0.75, 1.25, size=3)
-    reach = np.ceil(radii * 1.3).astype(int) + 1
-    low = np.maximum(centre - reach, 0)
-    high = np.minimum(centre + reach + 1, label.shape)
-    box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
-    grid = np.ogrid[tuple(slice(int(a - c), int(b - c)) for a, b, c in zip(low, high, centre, strict=True))]
-    distance = np.sqrt(sum((g / r) ** 2 for g, r in zip(grid, radii, strict=True)))
+    box, low, distance = _ellipsoid(centre, radius, label.shape, rng)
     # A lumpy outline: coarse noise, upsampled smoothly, perturbs the ellipsoid's radius.
     shape = distance.shape
     coarse = rng.normal(0.0, 0.15, size=(4, 4, 4))
@@ -82,8 +96,7 @@ def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomStat
         return False
     # 0.1..0.4 of the window below the liver (about 40..170 HU darker for -175..250 HU).
     level = liver_level - rng.uniform(0.1, 0.4)
-    texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, size=shape), sigma=1.0)
-    texture *= rng.uniform(0.01, 0.05) / max(float(texture.std()), 1e-6)
+    texture = _texture(shape, rng)
     image[box] = region * (1.0 - alpha) + (level + texture) * alpha
     label[box] = np.where(alpha > 0.5, TUMOUR, label[box])
     return True
@@ -113,13 +126,8 @@ def paint_decoy(image: np.ndarray, label: np.ndarray, rng: np.random.RandomState
     if not candidates.size:
         return False
     centre = np.array(np.unravel_index(candidates[rng.randint(candidates.size)], label.shape))
-    radii = radius * rng.uniform(0.75, 1.25, size=3)
-    reach = np.ceil(radii * 1.3).astype(int) + 1
-    low = np.maximum(centre - reach, 0)
-    high = np.minimum(centre + reach + 1, label.shape)
-    box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
-    grid = np.ogrid[tuple(slice(int(a - c), int(b - c)) for a, b, c in zip(low, high, centre, strict=True))]
-    ellipsoid = np.sqrt(sum((g / r) ** 2 for g, r in zip(grid, radii, strict=True))) < 1.0
+    box, low, distance = _ellipsoid(centre, radius, label.shape, rng)
+    ellipsoid = distance < 1.0
     # The connected piece of allowed tissue around the centre: the pouch does not jump over air.
     pieces, _ = ndimage.label(ellipsoid & tissue[box])
     centre_piece = pieces[tuple(centre - low)]
@@ -129,8 +137,7 @@ def paint_decoy(image: np.ndarray, label: np.ndarray, rng: np.random.RandomState
     wall = pouch & ~ndimage.binary_erosion(pouch)
     region = image[box]
     content = liver_level - rng.uniform(0.1, 0.4)
-    texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, size=pouch.shape), sigma=1.0)
-    texture *= rng.uniform(0.01, 0.05) / max(float(texture.std()), 1e-6)
+    texture = _texture(pouch.shape, rng)
     wall_level = liver_level + rng.uniform(-0.1, 0.05)
     painted = np.where(wall, wall_level, content + texture)
     image[box] = np.where(pouch, painted, region)
