@@ -113,16 +113,16 @@ def paint_decoy(image: np.ndarray, label: np.ndarray, rng: np.random.RandomState
     as a synthetic tumour (0.1..0.4 of the window below the liver) and its one-voxel wall is about
     as bright as the liver, like a stomach's enhancing wall.
     """
-    organ = label > 0
-    if not organ.any():
+    liver = label == LIVER
+    if not liver.any():
         return False
     radius = math.exp(rng.uniform(math.log(min_radius), math.log(max_radius)))
-    liver_level = float(np.median(image[label == LIVER])) if (label == LIVER).any() else float(
-        np.median(image[organ]))
+    liver_level = float(np.median(image[liver]))
+    organ = label > 0
     # Body tissue beside the liver: fat up to well-enhanced soft tissue, no air or lung, no bone.
     tissue = ~organ & (image > liver_level - 0.5) & (image < liver_level + 0.25)
-    distance = ndimage.distance_transform_edt(~organ)
-    candidates = np.flatnonzero(tissue & (distance >= 0.5 * radius) & (distance <= 0.9 * radius))
+    gap = ndimage.distance_transform_edt(~organ)
+    candidates = np.flatnonzero(tissue & (gap >= 0.5 * radius) & (gap <= 0.9 * radius))
     if not candidates.size:
         return False
     centre = np.array(np.unravel_index(candidates[rng.randint(candidates.size)], label.shape))
@@ -144,6 +144,14 @@ def paint_decoy(image: np.ndarray, label: np.ndarray, rng: np.random.RandomState
     return True
 
 
+def _patch_arrays(data: Mapping[Hashable, torch.Tensor], image_key: Hashable, label_key: Hashable
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Writable copies of a (1, X, Y, Z) patch's image (float32) and label as (X, Y, Z) arrays, so
+    painting never changes the cached case the patch came from."""
+    image = torch.as_tensor(data[image_key])[0].numpy().astype(np.float32)
+    return image, torch.as_tensor(data[label_key])[0].numpy().copy()
+
+
 class RandSyntheticTumourd(RandomizableTransform, MapTransform):
     """With probability ``prob``, paint 1 to ``max_count`` synthetic tumours into a patch; each one
     bulges out of the liver's surface with probability ``bulge_prob``."""
@@ -161,8 +169,7 @@ class RandSyntheticTumourd(RandomizableTransform, MapTransform):
         self.randomize(None)
         if not self._do_transform:
             return out
-        image = torch.as_tensor(out[self.image_key])[0].numpy().astype(np.float32)
-        label = torch.as_tensor(out[self.label_key])[0].numpy().copy()
+        image, label = _patch_arrays(out, self.image_key, self.label_key)
         count = 1 + self.R.randint(self.max_count)
         painted = [paint_tumour(image, label, self.R, bulge=self.R.uniform() < self.bulge_prob)
                    for _ in range(count)]
@@ -186,8 +193,7 @@ class RandSyntheticDecoyd(RandomizableTransform, MapTransform):
         self.randomize(None)
         if not self._do_transform:
             return out
-        image = torch.as_tensor(out[self.image_key])[0].numpy().astype(np.float32)
-        label = torch.as_tensor(out[self.label_key])[0].numpy()
+        image, label = _patch_arrays(out, self.image_key, self.label_key)
         if paint_decoy(image, label, self.R):
             out[self.image_key] = torch.from_numpy(image[None])
         return out
