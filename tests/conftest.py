@@ -25,6 +25,17 @@ def liver_dataset() -> Path:
     return shared_file("liver")
 
 
+def liver_case_ids() -> list[str]:
+    """The case names listed in ../shared/data/liver/dataset.json, sorted: tests follow the data."""
+    import json
+
+    listed = json.loads(shared_file("liver/dataset.json").read_text())["training"]
+    cases = sorted(Path(entry["label"]).name.removesuffix(".nii.gz") for entry in listed)
+    if not cases:
+        pytest.fail(f"{LIVER_DATASET / 'dataset.json'} lists no training cases")
+    return cases
+
+
 @pytest.fixture(autouse=True)
 def _few_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     # CI has 2 cores: keep torch from oversubscribing them when tests spawn subprocesses.

@@ -8,13 +8,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import shared_file
+from conftest import liver_case_ids, shared_file
 from typer.testing import CliRunner
 
 from liverseg.cli import app
 from liverseg.config import PreprocessConfig
 from liverseg.datasets import Case
 from liverseg.preprocess import (
+    SAMPLES_PER_CASE,
     is_cache,
     list_cached_cases,
     load_cached_case,
@@ -65,7 +66,7 @@ def test_real_dataset_volumes_within_one_percent(liver_dataset: Path, tmp_path: 
     code, _, err = run(liver_dataset, "-o", cache, "--quiet")
     assert code == 0, err
     assert is_cache(cache)
-    assert list_cached_cases(cache) == ["ircadb01", "ircadb07", "tsexample"]
+    assert list_cached_cases(cache) == liver_case_ids()
     cfg, labels = read_cache_config(cache)
     assert cfg == PreprocessConfig() and labels == {0: "background", 1: "liver", 2: "tumour"}
     meta = json.loads((cache / "preprocess.json").read_text())
@@ -94,14 +95,14 @@ def test_real_dataset_volumes_within_one_percent(liver_dataset: Path, tmp_path: 
     stats = fingerprint["summary"]["foreground_hu"]
     assert stats["percentile_00_5"] < stats["mean"] < stats["percentile_99_5"]
     assert 30 < stats["mean"] < 200  # contrast-enhanced liver
-    assert stats["num_samples"] == 30_000
+    assert stats["num_samples"] == SAMPLES_PER_CASE * len(liver_case_ids())  # every case has liver
 
     # Rerun: everything unchanged is skipped and no array file is rewritten.
     before = {p: p.stat().st_mtime_ns for p in (cache / "cases").glob("*.npz")}
     code, out, _ = run(liver_dataset, "-o", cache, "--json")
     assert code == 0
     report = json.loads(out)
-    assert report["skipped"] == ["ircadb01", "ircadb07", "tsexample"] and report["done"] == []
+    assert sorted(report["skipped"]) == liver_case_ids() and report["done"] == []
     assert {p: p.stat().st_mtime_ns for p in (cache / "cases").glob("*.npz")} == before
 
 
