@@ -26,7 +26,8 @@ IntTriple = tuple[int, int, int]
 class IntensityConfig(_Strict):
     """How HU become network input.
 
-    ``window``: clip to [lower, upper] HU and scale to [0, 1] (MONAI ScaleIntensityRange).
+    ``window``: clip to [lower, upper] HU and scale linearly onto ``window_range`` (MONAI
+    ScaleIntensityRange; [0, 1] by default).
     ``zscore``: clip to [lower, upper] (foreground percentiles from the fingerprint) then
     subtract ``mean`` and divide by ``std`` (nnU-Net's CT normalisation).
     """
@@ -36,6 +37,16 @@ class IntensityConfig(_Strict):
     upper: float = 250.0
     mean: float | None = None
     std: float | None = None
+    # Where the window lands. Imported networks keep their own convention: Tang et al. 2020 read
+    # clip(HU / 1000, -0.2, 0.2) * 2.5, i.e. the window [-200, 200] HU onto [-0.5, 0.5] (0 HU -> 0).
+    window_range: tuple[float, float] = (0.0, 1.0)
+
+    @field_validator("window_range")
+    @classmethod
+    def _increasing(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[1] <= value[0]:
+            raise ValueError(f"intensity.window_range must increase, got {list(value)}")
+        return value
 
     @field_validator("upper")
     @classmethod

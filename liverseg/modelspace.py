@@ -83,10 +83,22 @@ def normalise_intensity(hu: np.ndarray | torch.Tensor, cfg: IntensityConfig) -> 
     x = torch.as_tensor(hu, dtype=torch.float32)
     x = x.clamp(cfg.lower, cfg.upper)
     if cfg.mode == "window":
-        return (x - cfg.lower) / (cfg.upper - cfg.lower)
+        low, high = cfg.window_range
+        return (x - cfg.lower) * ((high - low) / (cfg.upper - cfg.lower)) + low
     if cfg.mean is None or cfg.std is None or cfg.std <= 0:
         raise ValueError("intensity.mode zscore needs mean and std (take them from the fingerprint)")
     return (x - cfg.mean) / cfg.std
+
+
+def intensity_to_hu(x: torch.Tensor, cfg: IntensityConfig) -> torch.Tensor:
+    """The inverse of :func:`normalise_intensity` inside [lower, upper] HU (clipped values stay
+    at the window's edges): augmentations that speak HU work on network input through it."""
+    if cfg.mode == "window":
+        low, high = cfg.window_range
+        return (x - low) * ((cfg.upper - cfg.lower) / (high - low)) + cfg.lower
+    if cfg.mean is None or cfg.std is None:
+        raise ValueError("intensity.mode zscore needs mean and std (take them from the fingerprint)")
+    return x * cfg.std + cfg.mean
 
 
 def _body_box(hu: torch.Tensor, cfg: PreprocessConfig) -> list[list[int]]:

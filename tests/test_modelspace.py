@@ -15,6 +15,7 @@ from liverseg.io import Volume, read_ct, read_label, save_volume, write_mask
 from liverseg.modelspace import (
     argmax_channels,
     decide_labels,
+    intensity_to_hu,
     label_to_model_probabilities,
     label_to_model_space,
     labels_to_native,
@@ -153,6 +154,20 @@ def test_window_and_zscore_normalisation() -> None:
     np.testing.assert_allclose(z.numpy(), (np.clip(hu.numpy(), -5, 171) - 83) / 41, atol=1e-6)
     with pytest.raises(ValueError, match="mean and std"):
         normalise_intensity(hu, IntensityConfig(mode="zscore"))
+
+
+def test_window_range_and_its_inverse() -> None:
+    hu = torch.tensor([-1000.0, -200.0, 0.0, 100.0, 200.0, 900.0])
+    # Tang et al. 2020: clip(HU / 1000, -0.2, 0.2) * 2.5
+    tang = IntensityConfig(mode="window", lower=-200, upper=200, window_range=(-0.5, 0.5))
+    x = normalise_intensity(hu, tang)
+    np.testing.assert_allclose(x.numpy(), np.clip(hu.numpy() / 1000, -0.2, 0.2) * 2.5, atol=1e-6)
+    np.testing.assert_allclose(intensity_to_hu(x, tang).numpy(), np.clip(hu.numpy(), -200, 200), atol=1e-4)
+    z = IntensityConfig(mode="zscore", lower=-5, upper=171, mean=83, std=41)
+    np.testing.assert_allclose(intensity_to_hu(normalise_intensity(hu, z), z).numpy(),
+                               np.clip(hu.numpy(), -5, 171), atol=1e-4)
+    with pytest.raises(ValueError, match="must increase"):
+        IntensityConfig(window_range=(1.0, 0.0))
 
 
 def test_argmax_channels_matches_torch() -> None:
