@@ -9,6 +9,10 @@ Resampling keeps the two grids' extents identical (voxel-corner alignment, ``ali
 the model grid's voxel centres lie at ``(i + 0.5) * native_shape / model_shape - 0.5`` in native
 voxel units, which the inverse uses as is. Downsampling averages (area), which anti-aliases;
 upsampling is trilinear.
+
+An oblique input (voxel axes rotated against the world axes) needs more than that: the network
+learnt upright anatomy, so :func:`aligned_proxy` first samples it onto a world-aligned grid
+(:func:`world_resample`), and probabilities come back by sampling at the same world positions.
 """
 
 from __future__ import annotations
@@ -283,3 +287,68 @@ def labels_to_native(probs: torch.Tensor, record: SpatialRecord, nested: bool = 
     """
     canonical = decide_labels(_canonical_probabilities(probs, record), nested).numpy()
     return _from_canonical(canonical, record)
+
+
+# --------------------------------------------------------------------------------------------
+# Oblique grids
+
+
+def is_oblique(affine: np.ndarray, tol: float = 1e-3) -> bool:
+    """True when the voxel axes are not aligned with the world (RAS) axes up to permutation/flip."""
+    directions = np.abs(np.asarray(affine)[:3, :3] / np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+    return bool(np.any((directions > tol) & (directions < 1.0 - tol)))
+
+
+def world_resample(source: torch.Tensor, source_affine: np.ndarray, target_affine: np.ndarray,
+                    target_shape: tuple[int, ...], fill: list[float], chunk: int = 8) -> torch.Tensor:
+    """(C, source grid) -> (C, target grid) by trilinear sampling at the same world positions;
+    ``fill[c]`` outside the source. Works in slabs of ``chunk`` slices to bound memory."""
+    index_map = torch.as_tensor(np.linalg.inv(source_affine) @ target_affine, dtype=torch.float32)
+    channels = source.shape[0]
+    src = (source - torch.tensor(fill, dtype=source.dtype).view(-1, 1, 1, 1))[None]
+    sizes = torch.tensor(source.shape[1:], dtype=torch.float32)
+    scale = 2.0 / torch.clamp(sizes - 1.0, min=1.0)
+    out = torch.empty((channels, *target_shape), dtype=torch.float32)
+    i, j = torch.meshgrid(torch.arange(target_shape[0], dtype=torch.float32),
+                          torch.arange(target_shape[1], dtype=torch.float32), indexing="ij")
+    for k0 in range(0, target_shape[2], chunk):
+        k1 = min(target_shape[2], k0 + chunk)
+        k = torch.arange(k0, k1, dtype=torch.float32)
+        ijk = torch.stack(torch.broadcast_tensors(i[..., None], j[..., None], k), dim=-1)
+        coords = ijk @ index_map[:3, :3].T + index_map[:3, 3]  # source voxel indices
+        grid = (coords * scale - 1.0).flip(-1)[None]  # grid_sample wants (z, y, x) = (W, H, D)
+        sampled = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
+                                                  align_corners=True)
+        out[:, :, :, k0:k1] = sampled[0]
+    return out.add_(torch.tensor(fill, dtype=torch.float32).view(-1, 1, 1, 1))
+
+
+def aligned_proxy(volume: Volume, spacing: tuple[float, float, float]
+                   ) -> tuple[Volume, np.ndarray, tuple[int, int, int]]:
+    """An oblique CT at ``spacing`` on a grid aligned with the world (RAS) axes covering it.
+
+    The network learnt upright anatomy; feeding it an oblique grid unchanged would show it
+    rotated anatomy. The volume is first area-averaged at ``spacing`` on its own grid
+    (anti-aliasing, as the normal path does), then sampled trilinearly onto the aligned grid;
+    outside the scan is air. Returns the proxy and the coarse grid (affine, shape) on which
+    probabilities come back before the fast separable upsampling to the native grid.
+    """
+    coarse_shape = resampled_shape(volume.shape, volume.spacing, spacing)
+    coarse = resize_native(np.asarray(volume.array, dtype=np.float32), coarse_shape)
+    scale = np.array(volume.shape, dtype=np.float64) / np.array(coarse_shape, dtype=np.float64)
+    index_map = np.eye(4)
+    index_map[:3, :3] = np.diag(scale)
+    index_map[:3, 3] = (scale - 1.0) / 2.0
+    coarse_affine = volume.affine @ index_map
+    corners = np.array([[a, b, c, 1.0] for a in (-0.5, volume.shape[0] - 0.5)
+                        for b in (-0.5, volume.shape[1] - 0.5) for c in (-0.5, volume.shape[2] - 0.5)])
+    world = (volume.affine @ corners.T)[:3]
+    low, high = world.min(axis=1), world.max(axis=1)
+    step = np.asarray(spacing, dtype=np.float64)
+    shape = tuple(int(np.ceil((h - lo) / s)) for lo, h, s in zip(low, high, step, strict=True))
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(step)
+    affine[:3, 3] = low + 0.5 * step
+    array = world_resample(torch.from_numpy(np.ascontiguousarray(coarse))[None], coarse_affine, affine,
+                            shape, fill=[-1024.0])[0]
+    return Volume(array=array.numpy(), affine=affine, source=volume.source), coarse_affine, coarse_shape

@@ -11,7 +11,7 @@ import typer
 from liverseg.cli.common import EXIT_BAD_INPUT, emit_json, friendly_errors, progress
 
 if TYPE_CHECKING:
-    from liverseg.infer import CaseJob, CaseResult
+    from liverseg.batch import CaseJob, CaseResult
 
 
 @friendly_errors
@@ -47,7 +47,7 @@ def command(
     per stage and the model. Finished cases are skipped (--force redoes them); a bad case is
     reported and the batch goes on; the exit code is 2 if any case failed.
     """
-    from liverseg.infer import parse_shard, run_inference
+    from liverseg.batch import parse_shard, run_inference
 
     def bar(items: Iterable[CaseJob], total: int) -> Iterable[CaseJob]:
         return progress(items, total=total, desc="infer", quiet=quiet or as_json)

@@ -1,0 +1,267 @@
+"""The batch runner behind ``liverseg infer``: which cases, where their outputs go, one case read,
+predicted and written (mask, sidecar, optional probabilities and preview), resume and sharding.
+
+Finished cases (mask and sidecar present; the sidecar is written last, atomically) are skipped; a
+failing case is recorded and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from liverseg.bundle import Bundle
+from liverseg.errors import LiversegError
+from liverseg.infer import predict_volume, resolve_device, timed
+from liverseg.io import NIFTI_SUFFIXES, Volume, case_name, write_mask, write_text_atomic
+
+DEFAULT_OUTPUT = Path("liverseg_out")
+
+
+@dataclass
+class CaseResult:
+    case: str
+    input: str
+    output: str
+    status: str  # "done", "skipped" or "failed"
+    error: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class InferReport:
+    cases: list[CaseResult] = field(default_factory=list)
+    model_id: str = ""
+    model_version: str = ""
+
+    def _with(self, status: str) -> list[CaseResult]:
+        return [c for c in self.cases if c.status == status]
+
+    @property
+    def done(self) -> list[CaseResult]:
+        return self._with("done")
+
+    @property
+    def skipped(self) -> list[CaseResult]:
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        return self._with("failed")
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        return (f"{len(self.done)} done, {len(self.skipped)} skipped (already finished), "
+                f"{len(self.failed)} failed")
+
+    def to_dict(self) -> dict:
+        return {"model_id": self.model_id, "model_version": self.model_version,
+                "done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
+                "cases": [asdict(c) for c in self.cases]}
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    case: str
+    image: Path
+    mask: Path
+
+    @property
+    def sidecar(self) -> Path:
+        return _sibling(self.mask, ".json")
+
+    @property
+    def probabilities(self) -> Path:
+        return _sibling(self.mask, "_probabilities.nii.gz")
+
+    @property
+    def preview(self) -> Path:
+        return _sibling(self.mask, ".png")
+
+
+def _sibling(mask: Path, suffix: str) -> Path:
+    name = mask.name
+    for ext in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return mask.with_name(name + suffix)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'I/N' (0 <= I < N, as Slurm array and Kubernetes indexed-job indices) -> (I, N)."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise LiversegError(f"--shard must look like I/N (e.g. 0/4), got '{text}'") from None
+    if count < 1 or not 0 <= index < count:
+        raise LiversegError(f"--shard {text}: need N >= 1 and 0 <= I < N")
+    return index, count
+
+
+def collect_cases(inputs: list[Path]) -> list[tuple[str, Path]]:
+    """(case name, image path) for every input file, DICOM series folder or folder of those."""
+    from liverseg.datasets import find_dataset
+
+    cases: list[tuple[str, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and path.suffix.lower() != ".csv":
+            cases.append((case_name(path), path))  # read (and judged) later, as its own case
+            continue
+        if not path.exists():
+            raise LiversegError("input not found; check the path", path)
+        dataset = find_dataset(path)
+        cases.extend((c.case_id, c.image) for c in dataset.cases)
+    names = [name for name, _ in cases]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise LiversegError(f"several inputs share the case name(s) {', '.join(duplicates[:5])}; "
+                            "their outputs would overwrite each other, rename or run them apart")
+    return cases
+
+
+def plan_jobs(inputs: list[Path], output: Path | None, shard: tuple[int, int] | None = None) -> list[CaseJob]:
+    """Where each case's mask goes: OUT itself for one input and OUT ending in .nii/.nii.gz,
+    else OUT/<case>.nii.gz (default ./liverseg_out/)."""
+    cases = collect_cases(inputs)
+    single_file = output is not None and output.name.lower().endswith(NIFTI_SUFFIXES)
+    if single_file and len(cases) != 1:
+        raise LiversegError(f"-o names one mask file but there are {len(cases)} cases; give a folder",
+                            output)
+    folder = output if output is not None else DEFAULT_OUTPUT
+    jobs = [CaseJob(name, image, output if single_file else folder / f"{name}.nii.gz")  # type: ignore[arg-type]
+            for name, image in sorted(cases)]
+    if shard is not None:
+        index, count = shard
+        jobs = jobs[index::count]
+    return jobs
+
+
+def _finished(job: CaseJob) -> bool:
+    # The sidecar is written last (atomically), so its presence means the case is complete.
+    return job.mask.is_file() and job.sidecar.is_file()
+
+
+def _write_probabilities(probabilities: np.ndarray, reference: Volume, path: Path) -> None:
+    """(C, x, y, z) probabilities as a 4D NIfTI (x, y, z, C) on the input grid, 8-bit with a
+    scale factor of 1/255 (readers apply it), which keeps files small."""
+    import nibabel as nib
+
+    from liverseg.io import atomic_path
+
+    data = np.clip(np.rint(np.moveaxis(probabilities, 0, -1) * 255.0), 0, 255).astype(np.uint8)
+    image = nib.Nifti1Image(data, reference.affine)
+    image.set_qform(reference.affine, 1)
+    image.set_sform(reference.affine, 1)
+    image.header.set_slope_inter(1.0 / 255.0, 0.0)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+
+
+def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: float | None = None,
+               tta: bool | None = None, sw_batch_size: int | None = None,
+               save_probabilities: bool = False, preview: bool = False,
+               postprocess: bool = True) -> dict:
+    """Read, predict and write one case (mask, optional probabilities and preview, sidecar)."""
+    from liverseg import __version__
+    from liverseg.io import read_ct
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    with timed(timings, "read"):
+        volume = read_ct(job.image)
+    prediction = predict_volume(volume, bundle, device=device, overlap=overlap, tta=tta,
+                                sw_batch_size=sw_batch_size, keep_probabilities=save_probabilities,
+                                postprocess=None if postprocess else False)
+    timings.update(prediction.timings)
+    written: list[Path] = []
+    try:
+        with timed(timings, "write"):
+            write_mask(prediction.labels, volume, job.mask)
+            written.append(job.mask)
+            if prediction.probabilities is not None:
+                _write_probabilities(prediction.probabilities, volume, job.probabilities)
+                written.append(job.probabilities)
+        if preview:
+            from liverseg.pictures import save_overlay_png
+
+            with timed(timings, "preview"):
+                save_overlay_png(volume.array, prediction.labels, volume.spacing, job.preview,
+                                 title=f"{job.case} ({bundle.model_id})", affine=volume.affine)
+                written.append(job.preview)
+    except BaseException:
+        for path in written:  # a failed case leaves no outputs behind
+            path.unlink(missing_ok=True)
+        raise
+    timings["total"] = round(time.perf_counter() - start, 4)
+    sidecar = {
+        "case": job.case,
+        "input": str(job.image),
+        "mask": str(job.mask),
+        "labels": {str(k): v for k, v in bundle.plan.labels.items()},
+        **prediction.stats,
+        "seconds": timings,
+        "model_id": bundle.model_id,
+        "model_version": bundle.model_version,
+        "model_path": str(bundle.path),
+        "liverseg_version": __version__,
+        "device": device,
+        "geometry": volume.geometry(),
+    }
+    if save_probabilities:
+        sidecar["probabilities"] = str(job.probabilities)
+    if preview:
+        sidecar["preview"] = str(job.preview)
+    write_text_atomic(job.sidecar, json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None = None,
+                  device: str = "auto", overlap: float | None = None, tta: bool | None = None,
+                  sw_batch_size: int | None = None, save_probabilities: bool = False,
+                  preview: bool = False, shard: tuple[int, int] | None = None, force: bool = False,
+                  postprocess: bool = True,
+                  progress: Callable[[Iterable[CaseJob], int], Iterable[CaseJob]] | None = None,
+                  on_error: Callable[[CaseResult], None] | None = None) -> InferReport:
+    """Segment every case; finished cases are skipped unless ``force``; a failing case is recorded
+    and the batch goes on. Setup errors (no model, no inputs) raise LiversegError before any write.
+    """
+    from liverseg.bundle import load_bundle
+
+    device = resolve_device(device)
+    jobs = plan_jobs(inputs, output, shard)
+    bundle = load_bundle(model, device=device)
+    report = InferReport(model_id=bundle.model_id, model_version=bundle.model_version)
+    iterable: Iterable[CaseJob] = progress(jobs, len(jobs)) if progress is not None else jobs
+    for job in iterable:
+        if not force and _finished(job):
+            report.cases.append(CaseResult(job.case, str(job.image), str(job.mask), "skipped"))
+            continue
+        start = time.perf_counter()
+        try:
+            infer_case(job, bundle, device=device, overlap=overlap, tta=tta, sw_batch_size=sw_batch_size,
+                       save_probabilities=save_probabilities, preview=preview, postprocess=postprocess)
+        except LiversegError as exc:
+            result = CaseResult(job.case, str(job.image), str(job.mask), "failed", str(exc))
+        except (RuntimeError, ValueError, MemoryError, OSError) as exc:
+            # Not a user error we foresaw; still one line, and the batch goes on.
+            message = " ".join(f"{job.image}: {type(exc).__name__}: {exc}".split())[:400]
+            result = CaseResult(job.case, str(job.image), str(job.mask), "failed", message)
+        else:
+            result = CaseResult(job.case, str(job.image), str(job.mask), "done",
+                                seconds=round(time.perf_counter() - start, 3))
+        report.cases.append(result)
+        if result.status == "failed" and on_error is not None:
+            on_error(result)
+    return report
