@@ -54,12 +54,12 @@ def _child_monai(cache: Path, config_path: Path, steps: int, work: Path) -> dict
     from liverseg.losses import build_loss, split_outputs
     from liverseg.networks import build_network
     from liverseg.preprocess import list_cached_cases, load_cached_case
-    from liverseg.train import _transforms
+    from liverseg.train_data import build_transforms
 
     cfg = load_config(config_path)
     t = cfg.train
     set_determinism(seed=t.seed)
-    fixed, augment = _transforms(cfg)
+    fixed, augment = build_transforms(cfg)
 
     def load(item: dict) -> dict:
         case = load_cached_case(cache, item["case"])
