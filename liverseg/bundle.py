@@ -116,14 +116,29 @@ def installed_bundles() -> list[Path]:
     return sorted(p for p in PACKAGED_MODELS.iterdir() if (p / PLAN_FILE).is_file())
 
 
+def resolve_bundle_path(model: str | Path | None) -> Path:
+    """A bundle folder from ``--model``: a path, or the name of a bundle shipped with the package
+    (``liver_tang2020``); a path that exists wins over a shipped name. None: the default model."""
+    if model is None:
+        return default_bundle_path()
+    path = Path(model)
+    shipped = PACKAGED_MODELS / str(model)
+    if not path.exists() and len(path.parts) == 1 and (shipped / PLAN_FILE).is_file():
+        return shipped
+    return path
+
+
 def load_bundle(directory: str | Path | None = None, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle (default: the one shipped in the package) with its network in eval mode."""
-    path = Path(directory) if directory is not None else default_bundle_path()
+    """Load a bundle (a folder, a shipped model's name, or by default the shipped default model)
+    with its network in eval mode."""
+    path = resolve_bundle_path(directory)
     if not path.exists():
         if directory is None:
             raise LiversegError("no model is shipped with this installation; pass --model BUNDLE "
                                 "(a folder made by 'liverseg train')", path)
-        raise LiversegError("model bundle not found; check the --model path", path)
+        names = ", ".join(p.name for p in installed_bundles()) or "none"
+        raise LiversegError(f"model bundle not found; give a bundle folder or a shipped model's name "
+                            f"({names}; see 'liverseg models')", path)
     if not path.is_dir():
         raise LiversegError("model bundle must be a folder holding plan.json and model.pt", path)
     plan = read_plan(path)

@@ -78,7 +78,7 @@ class PreprocessConfig(_Strict):
 class ModelConfig(_Strict):
     """The network, chosen by name; sizes come from here so CPU and GPU models share code."""
 
-    name: Literal["dynunet", "vnet"] = "dynunet"
+    name: Literal["dynunet", "vnet", "tang2020"] = "dynunet"
     in_channels: int = 1
     out_channels: int = 3
     filters: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
@@ -140,6 +140,10 @@ class InferConfig(_Strict):
     # probability is below one half, then gets its most likely foreground class. Plain argmax
     # drops a voxel whose foreground probability is split between liver and tumour.
     nested_classes: bool = False
+    # Keep windows at roi_size even where the image is smaller (the sliding window pads it). A
+    # network whose normalisation takes each window's statistics (the imported tang2020) gives
+    # other answers on a tight window than on the large, padded one it was trained on.
+    fixed_window: bool = False
 
 
 class PostprocessConfig(_Strict):

@@ -37,7 +37,7 @@ from liverseg.modelspace import (
     to_model_space,
     world_resample,
 )
-from liverseg.networks import network_stride
+from liverseg.networks import network_margin, network_stride
 from liverseg.postprocess import LIVER, TUMOUR, postprocess_labels
 
 # Thresholds of the "is this CT in HU?" check: any CT of a body holds air or fat (< -50 HU);
@@ -89,8 +89,21 @@ def check_ct_intensities(volume: Volume) -> None:
 
 
 def _window(shape: tuple[int, ...], roi: tuple[int, ...], stride: int) -> tuple[int, ...]:
-    """The ROI shrunk to the image (rounded up to the network stride) where the image is smaller."""
+    """The ROI shrunk to the image (rounded up to the network stride) where the image is smaller.
+
+    ``shape`` is the image as the windows see it (padded by the network's margin, if any).
+    """
     return tuple(min(r, -(-s // stride) * stride) for s, r in zip(shape, roi, strict=True))
+
+
+def _interior_weights(roi: tuple[int, ...], margin: int, mode: str) -> torch.Tensor:
+    """(1, 1, *roi) blending weights: the plan's mode over the part a window predicts, zero on the
+    ``margin`` band that a smaller-output network does not predict."""
+    from monai.data.utils import compute_importance_map
+
+    interior = tuple(r - 2 * margin for r in roi)
+    weights = compute_importance_map(interior, mode=mode, device="cpu").float()
+    return torch.nn.functional.pad(weights, [margin] * 6)[None, None]
 
 
 def _flips(tta: bool, bundle: Bundle) -> list[tuple[int, ...]]:
@@ -121,24 +134,32 @@ def model_probabilities(image: torch.Tensor, bundle: Bundle, *, device: str = "c
         raise LiversegError(f"overlap must be in [0, 1), got {overlap}")
     tta = plan.tta if tta is None else tta
     batch = plan.sw_batch_size if sw_batch_size is None else sw_batch_size
-    roi = _window(tuple(image.shape[1:]), tuple(plan.roi_size), network_stride(bundle.plan.model))
+    # A network whose output is `margin` voxels smaller per side sees the image padded by that much
+    # (with 0, what the sliding window pads with too); each window then predicts its interior only,
+    # which the blending weights say, and windows overlap at least enough to cover every voxel.
+    margin = network_margin(bundle.plan.model)
+    x = torch.nn.functional.pad(image, [margin] * 6)[None] if margin else image[None]
+    roi = tuple(plan.roi_size) if plan.fixed_window else _window(
+        tuple(x.shape[2:]), tuple(plan.roi_size), network_stride(bundle.plan.model))
+    weights = _interior_weights(roi, margin, plan.mode) if margin else None
+    overlaps = tuple(max(overlap, 2 * margin / r + 1e-6) for r in roi) if margin else overlap
     network = bundle.network
     net_device = next(network.parameters()).device
     if net_device.type != torch.device(device).type:
         network.to(device)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(network(window), dim=1)
+        probabilities = torch.softmax(network(window), dim=1)
+        return torch.nn.functional.pad(probabilities, [margin] * 6) if margin else probabilities
 
-    x = image[None]
     total: torch.Tensor | None = None
     flips = _flips(tta, bundle)
     with torch.inference_mode():
         for axes in flips:
             inp = torch.flip(x, axes) if axes else x
             probs = sliding_window_inference(
-                inp, roi_size=roi, sw_batch_size=batch, predictor=predictor, overlap=overlap,
-                mode=plan.mode, sw_device=device, device="cpu")
+                inp, roi_size=roi, sw_batch_size=batch, predictor=predictor, overlap=overlaps,
+                mode=plan.mode, sw_device=device, device="cpu", roi_weight_map=weights)
             probs = torch.as_tensor(probs)  # a MetaTensor only when given one; keep plain tensors
             if axes:
                 probs = torch.flip(probs, axes)
@@ -146,6 +167,8 @@ def model_probabilities(image: torch.Tensor, bundle: Bundle, *, device: str = "c
         assert total is not None
         if len(flips) > 1:
             total.div_(len(flips))
+        if margin:
+            total = total[..., margin:-margin, margin:-margin, margin:-margin]
         return total[0].float().contiguous()
 
 

@@ -1,4 +1,10 @@
-"""Networks chosen by name from the config: MONAI parts, sized by the plan."""
+"""Networks chosen by name from the config: MONAI parts sized by the plan, and one imported network.
+
+``tang2020`` is the liver U-Net of Tang et al. (EJNMMI 2020, pyliverlesionseg 0.3, KU Leuven,
+Apache-2.0), rebuilt here in PyTorch so its published weights run in liverseg's pipeline
+(``pipelines/import_tang2020.py`` converts them). Unlike DynUNet its output is smaller than its input
+(13 voxels per side) and input sides must be multiples of 27; it lives in :mod:`liverseg.tang2020`.
+"""
 
 from __future__ import annotations
 
@@ -41,19 +47,30 @@ def build_network(cfg: ModelConfig) -> nn.Module:
             deep_supr_num=cfg.deep_supr_num,
             res_block=cfg.res_block,
         )
+    if cfg.name == "tang2020":
+        from liverseg.tang2020 import Tang2020UNet
+
+        return Tang2020UNet(out_channels=cfg.out_channels)
     if cfg.name == "vnet":
         from monai.networks.nets import VNet
 
         return VNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
                     dropout_prob_down=cfg.dropout, dropout_prob_up=(cfg.dropout, cfg.dropout))
-    raise LiversegError(f"unknown model.name '{cfg.name}' (choose dynunet or vnet)")
+    raise LiversegError(f"unknown model.name '{cfg.name}' (choose dynunet, vnet or tang2020)")
 
 
 def network_stride(cfg: ModelConfig) -> int:
     """The factor every input side must be divisible by (product of the strides)."""
     if cfg.name == "vnet":
         return 16
+    if cfg.name == "tang2020":
+        return 27
     total = 1
     for s in cfg.strides:
         total *= s
     return total
+
+
+def network_margin(cfg: ModelConfig) -> int:
+    """Voxels per side by which the network's output is smaller than its input (0: same size)."""
+    return 13 if cfg.name == "tang2020" else 0  # liverseg.tang2020.MARGIN

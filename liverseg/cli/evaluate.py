@@ -15,8 +15,8 @@ def command(
                                    "CSV of image,label pairs."),
     output: Path = typer.Option(..., "--output", "-o", help="Report folder: predictions/, cases.csv, "
                                 "summary.json, report.html."),
-    model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle (default: the "
-                                      "shipped model)."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder, or a "
+                                      "shipped model's name (liverseg models) [default: liver_default]."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     tolerance: float = typer.Option(2.0, "--tolerance", min=0.0,
                                     help="Normalised surface Dice tolerance in mm."),

@@ -20,8 +20,8 @@ def command(
                                         "folders, or folders of those."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Mask file (.nii/.nii.gz, one "
                                        "input only) or output folder [default: ./liverseg_out/]."),
-    model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder "
-                                      "[default: the model shipped with liverseg]."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder, or "
+                                      "a shipped model's name (liverseg models) [default: liver_default]."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     overlap: float | None = typer.Option(None, "--overlap", min=0.0, max=0.95,
                                          help="Sliding-window overlap [default: the model's plan]."),
