@@ -1,5 +1,6 @@
 """The batch runner behind ``liverseg infer``: which cases, where their outputs go, one case read,
-predicted and written (mask, sidecar, optional probabilities and preview), resume and sharding.
+predicted and written (mask, sidecar with QC, optional probabilities, preview and DICOM SEG),
+resume and sharding.
 
 Finished cases (mask and sidecar present; the sidecar is written last, atomically) are skipped; a
 failing case is recorded and the batch goes on.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from liverseg import qc
 from liverseg.bundle import Bundle
 from liverseg.errors import LiversegError
 from liverseg.infer import predict_volume, resolve_device, timed
@@ -31,6 +33,7 @@ class CaseResult:
     status: str  # "done", "skipped" or "failed"
     error: str = ""
     seconds: float = 0.0
+    qc_flags: list[str] | None = None  # the case's QC flags (None: unknown, e.g. failed)
 
 
 @dataclass
@@ -59,8 +62,13 @@ class InferReport:
         return not self.failed
 
     def summary(self) -> str:
-        return (f"{len(self.done)} done, {len(self.skipped)} skipped (already finished), "
+        text = (f"{len(self.done)} done, {len(self.skipped)} skipped (already finished), "
                 f"{len(self.failed)} failed")
+        flagged = [c for c in self.cases if c.qc_flags]
+        if flagged:
+            text += f"; QC flags on {len(flagged)}: " + "; ".join(
+                f"{c.case} ({', '.join(c.qc_flags or [])})" for c in flagged)
+        return text
 
     def to_dict(self) -> dict:
         return {"model_id": self.model_id, "model_version": self.model_version,
@@ -85,6 +93,10 @@ class CaseJob:
     @property
     def preview(self) -> Path:
         return _sibling(self.mask, ".png")
+
+    @property
+    def dicom_seg(self) -> Path:
+        return _sibling(self.mask, "_seg.dcm")
 
 
 def _sibling(mask: Path, suffix: str) -> Path:
@@ -148,9 +160,27 @@ def plan_jobs(inputs: list[Path], output: Path | None, shard: tuple[int, int] | 
     return jobs
 
 
-def _finished(job: CaseJob) -> bool:
+def _finished(job: CaseJob, dicom_seg: bool = False) -> bool:
     # The sidecar is written last (atomically), so its presence means the case is complete.
-    return job.mask.is_file() and job.sidecar.is_file()
+    return job.mask.is_file() and job.sidecar.is_file() and (not dicom_seg or job.dicom_seg.is_file())
+
+
+def _sidecar_flags(job: CaseJob) -> list[str] | None:
+    """The QC flags recorded by an earlier run (None when that sidecar has none)."""
+    try:
+        flags = json.loads(job.sidecar.read_text(encoding="utf-8")).get("qc", {}).get("flags")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return list(flags) if isinstance(flags, list) else None
+
+
+def check_dicom_seg_inputs(jobs: list[CaseJob]) -> None:
+    """--dicom-seg needs a DICOM series to reference: refuse any other input before any work."""
+    for job in jobs:
+        if not job.image.is_dir():
+            raise LiversegError("--dicom-seg needs a DICOM series folder as input, but this is a file "
+                                "(no series for a SEG to reference); leave out --dicom-seg or give "
+                                "the series folder", job.image)
 
 
 def _write_probabilities(probabilities: np.ndarray, reference: Volume, path: Path) -> None:
@@ -172,8 +202,9 @@ def _write_probabilities(probabilities: np.ndarray, reference: Volume, path: Pat
 def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: float | None = None,
                tta: bool | None = None, sw_batch_size: int | None = None,
                save_probabilities: bool = False, preview: bool = False,
-               postprocess: bool = True) -> dict:
-    """Read, predict and write one case (mask, optional probabilities and preview, sidecar)."""
+               postprocess: bool = True, dicom_seg: bool = False) -> dict:
+    """Read, predict and write one case (mask, optional probabilities, preview and DICOM SEG,
+    sidecar)."""
     from liverseg import __version__
     from liverseg.io import read_ct
 
@@ -181,9 +212,11 @@ def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: fl
     start = time.perf_counter()
     with timed(timings, "read"):
         volume = read_ct(job.image)
+        contrast = qc.contrast_from_dicom(job.image) if job.image.is_dir() else None
     prediction = predict_volume(volume, bundle, device=device, overlap=overlap, tta=tta,
                                 sw_batch_size=sw_batch_size, keep_probabilities=save_probabilities,
-                                postprocess=None if postprocess else False)
+                                postprocess=None if postprocess else False, contrast=contrast)
+    seg_info = None
     timings.update(prediction.timings)
     written: list[Path] = []
     try:
@@ -200,6 +233,13 @@ def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: fl
                 save_overlay_png(volume.array, prediction.labels, volume.spacing, job.preview,
                                  title=f"{job.case} ({bundle.model_id})", affine=volume.affine)
                 written.append(job.preview)
+        if dicom_seg:
+            from liverseg.dicomseg import write_dicom_seg
+
+            with timed(timings, "dicom_seg"):
+                seg_info = write_dicom_seg(prediction.labels, volume, job.image, job.dicom_seg,
+                                           model_name=bundle.model_id, model_version=bundle.model_version)
+                written.append(job.dicom_seg)
     except BaseException:
         for path in written:  # a failed case leaves no outputs behind
             path.unlink(missing_ok=True)
@@ -211,6 +251,7 @@ def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: fl
         "mask": str(job.mask),
         "labels": {str(k): v for k, v in bundle.plan.labels.items()},
         **prediction.stats,
+        "qc": prediction.qc,
         "seconds": timings,
         "model_id": bundle.model_id,
         "model_version": bundle.model_version,
@@ -223,6 +264,8 @@ def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: fl
         sidecar["probabilities"] = str(job.probabilities)
     if preview:
         sidecar["preview"] = str(job.preview)
+    if seg_info is not None:
+        sidecar["dicom_seg"] = seg_info.to_dict()
     write_text_atomic(job.sidecar, json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 
@@ -231,7 +274,7 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
                   device: str = "auto", overlap: float | None = None, tta: bool | None = None,
                   sw_batch_size: int | None = None, save_probabilities: bool = False,
                   preview: bool = False, shard: tuple[int, int] | None = None, force: bool = False,
-                  postprocess: bool = True,
+                  postprocess: bool = True, dicom_seg: bool = False,
                   progress: Callable[[Iterable[CaseJob], int], Iterable[CaseJob]] | None = None,
                   on_error: Callable[[CaseResult], None] | None = None) -> InferReport:
     """Segment every case; finished cases are skipped unless ``force``; a failing case is recorded
@@ -241,17 +284,21 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
 
     device = resolve_device(device)
     jobs = plan_jobs(inputs, output, shard)
+    if dicom_seg:
+        check_dicom_seg_inputs(jobs)
     bundle = load_bundle(model, device=device)
     report = InferReport(model_id=bundle.model_id, model_version=bundle.model_version)
     iterable: Iterable[CaseJob] = progress(jobs, len(jobs)) if progress is not None else jobs
     for job in iterable:
-        if not force and _finished(job):
-            report.cases.append(CaseResult(job.case, str(job.image), str(job.mask), "skipped"))
+        if not force and _finished(job, dicom_seg):
+            report.cases.append(CaseResult(job.case, str(job.image), str(job.mask), "skipped",
+                                           qc_flags=_sidecar_flags(job)))
             continue
         start = time.perf_counter()
         try:
-            infer_case(job, bundle, device=device, overlap=overlap, tta=tta, sw_batch_size=sw_batch_size,
-                       save_probabilities=save_probabilities, preview=preview, postprocess=postprocess)
+            sidecar = infer_case(job, bundle, device=device, overlap=overlap, tta=tta,
+                                 sw_batch_size=sw_batch_size, save_probabilities=save_probabilities,
+                                 preview=preview, postprocess=postprocess, dicom_seg=dicom_seg)
         except LiversegError as exc:
             result = CaseResult(job.case, str(job.image), str(job.mask), "failed", str(exc))
         except (RuntimeError, ValueError, MemoryError, OSError) as exc:
@@ -260,7 +307,8 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
             result = CaseResult(job.case, str(job.image), str(job.mask), "failed", message)
         else:
             result = CaseResult(job.case, str(job.image), str(job.mask), "done",
-                                seconds=round(time.perf_counter() - start, 3))
+                                seconds=round(time.perf_counter() - start, 3),
+                                qc_flags=list(sidecar["qc"]["flags"]))
         report.cases.append(result)
         if result.status == "failed" and on_error is not None:
             on_error(result)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from liverseg import qc
 from liverseg.bundle import Bundle
 from liverseg.config import PostprocessConfig
 from liverseg.errors import LiversegError
@@ -54,6 +55,7 @@ class Prediction:
     probabilities: np.ndarray | None  # float32 (C, x, y, z) before postprocessing, if kept
     timings: dict[str, float]  # seconds per stage
     stats: dict[str, float | None]  # liver/tumour volume (mL), mean liver HU (None: no liver)
+    qc: dict = field(default_factory=dict)  # liverseg.qc.assess: {"flags": [...], "measures": {...}}
 
 
 @contextmanager
@@ -189,11 +191,12 @@ def volume_stats(volume: Volume, labels: np.ndarray) -> dict[str, float | None]:
 def predict_volume(volume: Volume, bundle: Bundle, *, device: str = "cpu", overlap: float | None = None,
                    tta: bool | None = None, sw_batch_size: int | None = None,
                    keep_probabilities: bool = False, postprocess: PostprocessConfig | bool | None = None,
-                   check_intensities: bool = True) -> Prediction:
+                   check_intensities: bool = True, contrast: bool | None = None) -> Prediction:
     """Segment one CT volume with a bundle; labels come back on exactly the input's grid.
 
     ``overlap``, ``tta`` and ``sw_batch_size`` default to the bundle's plan. ``postprocess``:
-    None uses the plan's choices, False turns all steps off, or pass a config.
+    None uses the plan's choices, False turns all steps off, or pass a config. ``contrast``
+    (True: contrast-enhanced, None: unknown) sets the HU range the QC expects of the liver.
     """
     timings: dict[str, float] = {}
     if check_intensities:
@@ -211,6 +214,8 @@ def predict_volume(volume: Volume, bundle: Bundle, *, device: str = "cpu", overl
                                     sw_batch_size=sw_batch_size)
     del image
     nested = bundle.plan.infer.nested_classes
+    with timed(timings, "qc"):  # on the small model grid, before postprocessing
+        model_qc = qc.model_space_measures(probs, record.model_spacing, nested)
     with timed(timings, "resample"):
         # Probabilities go up to the native grid once; the labels are decided there.
         if oblique:
@@ -242,4 +247,6 @@ def predict_volume(volume: Volume, bundle: Bundle, *, device: str = "cpu", overl
         labels = postprocess_labels(labels, post_cfg)
     with timed(timings, "stats"):
         stats = volume_stats(volume, labels)
-    return Prediction(labels=labels, probabilities=probabilities, timings=timings, stats=stats)
+    with timed(timings, "qc"):
+        case_qc = qc.assess(volume, labels, model_qc, stats, contrast=contrast)
+    return Prediction(labels=labels, probabilities=probabilities, timings=timings, stats=stats, qc=case_qc)

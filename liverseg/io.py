@@ -244,7 +244,9 @@ def dicom_series(folder: Path) -> dict[str, list[str]]:
     return {uid: files for uid, files in series.items() if files}
 
 
-def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
+def dicom_series_files(folder: Path, series_uid: str | None = None) -> list[str]:
+    """The files :func:`read_ct` reads from a DICOM folder, in slice order: the series
+    ``series_uid``, else the largest series (the CT; scouts and dose reports are smaller)."""
     series = dicom_series(folder)
     if not series:
         raise LiversegError(
@@ -261,6 +263,11 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
         files = series[series_uid]
     else:
         files = max(series.values(), key=len)  # the largest series is the CT
+    return files
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
+    files = dicom_series_files(folder, series_uid)
     if len(files) < 2:
         raise LiversegError(
             "DICOM series has a single slice; liverseg needs a 3D CT series", folder

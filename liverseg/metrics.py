@@ -30,6 +30,7 @@ import numpy as np
 
 from liverseg.errors import LiversegError
 from liverseg.io import IMAGE_SUFFIXES, Volume, case_name, is_image_file, read_label, same_grid
+from liverseg.qc import read_sidecar_qc
 
 #: Class name -> how it is selected from a label map (LiTS convention).
 CLASSES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -180,6 +181,7 @@ class CaseResult:
     spacing_mm: list[float] | None = None
     image_file: str | None = None
     has_tumour: bool = False
+    qc: dict | None = None  # the prediction's QC (liverseg.qc), when known
 
     @property
     def ok(self) -> bool:
@@ -307,6 +309,7 @@ def score_files(case: str, pred_file: Path, ref_file: Path,
         return CaseResult(case, str(pred_file), str(ref_file), error=str(exc))
     result = score_volumes(case, pred, ref, tolerance_mm, resample_to_ref)
     result.prediction_file, result.reference_file = str(pred_file), str(ref_file)
+    result.qc = read_sidecar_qc(pred_file)  # recorded by `liverseg infer`, when there
     return result
 
 
@@ -361,48 +364,3 @@ def aggregate(results: Sequence[CaseResult]) -> dict:
         entry["n_both_empty"] = sum(1 for row in rows if row["tp"] + row["fp"] + row["fn"] == 0)
         out["classes"][name] = entry
     return out
-
-
-def evaluate_dataset(
-    dataset: str | Path,
-    bundle: object,
-    predictions_dir: str | Path,
-    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
-    resample_to_ref: bool = False,
-    wrap: Callable[[Iterable], Iterable] | None = None,
-    **predict_options: object,
-) -> list[CaseResult]:
-    """Segment every labelled case of a dataset with ``bundle`` and score it against its label.
-
-    Any layout :func:`liverseg.datasets.find_dataset` understands. Each prediction is written
-    to ``predictions_dir/CASE.nii.gz`` on the CT's grid (so the report can picture it and the
-    user can inspect it); a case that cannot be read or segmented becomes an error result.
-    ``predict_options`` go to :func:`liverseg.infer.predict_volume`.
-    """
-    from liverseg.datasets import find_dataset
-    from liverseg.infer import predict_volume
-    from liverseg.io import read_ct, write_mask
-
-    data = find_dataset(dataset, require_labels=True)
-    out = Path(predictions_dir)
-    cases = data.labelled
-    iterator: Iterable = cases if wrap is None else wrap(cases)
-    results: list[CaseResult] = []
-    for case in iterator:
-        pred_file = out / f"{case.case_id}.nii.gz"
-        try:
-            ct = read_ct(case.image)
-            ref = read_label(case.label)  # type: ignore[arg-type]
-            prediction = predict_volume(ct, bundle, **predict_options)  # type: ignore[arg-type]
-            write_mask(prediction.labels, ct, pred_file)
-        except LiversegError as exc:
-            results.append(CaseResult(case.case_id, None, str(case.label), error=str(exc),
-                                      image_file=str(case.image)))
-            continue
-        predicted = ct.with_array(prediction.labels)
-        predicted.source = str(pred_file)
-        result = score_volumes(case.case_id, predicted, ref, tolerance_mm, resample_to_ref)
-        result.prediction_file, result.reference_file = str(pred_file), str(case.label)
-        result.image_file = str(case.image)
-        results.append(result)
-    return sorted(results, key=lambda c: c.case)

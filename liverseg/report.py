@@ -29,6 +29,7 @@ from liverseg.metrics import (
     aggregate,
     scored_classes,
 )
+from liverseg.qc import dice_by_flag
 
 #: Metrics drawn as box plots, with their axis labels.
 PLOTTED = {"dice": "Dice", "iou": "IoU", "hd95_mm": "HD95 (mm)", "assd_mm": "ASSD (mm)",
@@ -36,8 +37,8 @@ PLOTTED = {"dice": "Dice", "iou": "IoU", "hd95_mm": "HD95 (mm)", "assd_mm": "ASS
 EMPTY_CONVENTION = (
     "both empty: dice=iou=nsd=1, hd95=assd=0, rvd=0; one side empty: dice=iou=nsd=0, "
     "hd95=assd=null (undefined); reference empty: rvd=null; prediction empty: rvd=-1")
-CSV_COLUMNS = ("case", "class", "status", *METRIC_NAMES, "prediction_file", "reference_file",
-               "error")
+CSV_COLUMNS = ("case", "class", "status", *METRIC_NAMES, "qc_flags", "prediction_file",
+               "reference_file", "error")
 
 _NUM = {"type": ["number", "null"]}
 _STAT = {"type": "object", "required": ["mean", "median", "std", "min", "max", "n"],
@@ -46,6 +47,9 @@ _STAT = {"type": "object", "required": ["mean", "median", "std", "min", "max", "
 _CLASS_METRICS = {"type": "object", "required": list(METRIC_NAMES),
                   "properties": {m: ({"type": "integer"} if m in ("tp", "fp", "fn") else _NUM)
                                  for m in METRIC_NAMES}}
+_QC = {"type": "object", "required": ["flags", "measures"],
+       "properties": {"flags": {"type": "array", "items": {"type": "string"}},
+                      "measures": {"type": "object"}}}
 SUMMARY_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -62,11 +66,16 @@ SUMMARY_SCHEMA: dict = {
             "required": ["case", "prediction_file", "reference_file", "shape", "spacing_mm",
                          "metrics"],
             "properties": {"case": {"type": "string"},
-                           "metrics": {"type": "object", "additionalProperties": _CLASS_METRICS}},
+                           "metrics": {"type": "object", "additionalProperties": _CLASS_METRICS},
+                           "qc": _QC},
         }},
         "failures": {"type": "array", "items": {
             "type": "object", "required": ["case", "prediction_file", "reference_file", "error"],
             "properties": {"error": {"type": "string"}}}},
+        "qc": {"type": "object", "required": ["n_cases", "liver_dice_by_flag"], "properties": {
+            "liver_dice_by_flag": {"type": "array", "items": {
+                "type": "object", "required": ["flag", "n_flagged", "dice_flagged", "n_clear",
+                                               "dice_clear"]}}}},
         "aggregate": {
             "type": "object", "required": ["n_cases", "n_scored", "n_failed", "classes"],
             "properties": {
@@ -101,6 +110,7 @@ def build_summary(results: Sequence[CaseResult], tolerance_mm: float,
             "case": r.case, "prediction_file": r.prediction_file,
             "reference_file": r.reference_file, "shape": r.shape, "spacing_mm": r.spacing_mm,
             "metrics": {c: {k: _clean(v) for k, v in r.metrics[c].items()} for c in classes},
+            **({"qc": r.qc} if r.qc is not None else {}),
         })
     failures = [{"case": r.case, "prediction_file": r.prediction_file,
                  "reference_file": r.reference_file, "error": r.error}
@@ -110,7 +120,7 @@ def build_summary(results: Sequence[CaseResult], tolerance_mm: float,
                 "global_dice": "2*sum(tp) / (2*sum(tp) + sum(fp) + sum(fn)) over scored cases"}
     settings.update(extra or {})
     agg = aggregate(results)
-    return {
+    summary = {
         "liverseg_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
@@ -119,6 +129,12 @@ def build_summary(results: Sequence[CaseResult], tolerance_mm: float,
         "failures": failures,
         "aggregate": json.loads(json.dumps(agg, default=_clean)),
     }
+    with_qc = [r for r in results if r.ok and r.qc is not None]
+    if with_qc:
+        summary["qc"] = {"flags": "docs/qc.md", "n_cases": len(with_qc),
+                         "liver_dice_by_flag": dice_by_flag([(float(r.metrics["liver"]["dice"]),
+                                                              list(r.qc["flags"])) for r in with_qc])}
+    return summary
 
 
 def write_cases_csv(results: Sequence[CaseResult], path: str | Path) -> Path:
@@ -129,7 +145,8 @@ def write_cases_csv(results: Sequence[CaseResult], path: str | Path) -> Path:
     writer.writeheader()
     for r in results:
         base = {"case": r.case, "prediction_file": r.prediction_file or "",
-                "reference_file": r.reference_file or ""}
+                "reference_file": r.reference_file or "",
+                "qc_flags": ";".join(r.qc["flags"]) if r.qc is not None else ""}
         if not r.ok:
             writer.writerow({**base, "class": "", "status": "error", "error": r.error})
             continue
@@ -265,18 +282,22 @@ def _html(summary: dict, results: Sequence[CaseResult], boxes: list, overlays: l
         parts.append("<h2>Distributions</h2><div class='imgs'>")
         parts += [f"<img alt='{e(label)}' src='{_png_data_uri(p)}'>" for label, p in boxes]
         parts.append("</div>")
+    if "qc" in summary:
+        parts.append(_qc_table(summary["qc"]))
     # per-case table
     shown = list(METRIC_NAMES)
     parts.append("<h2>Cases</h2><table><tr><th class='l'>case</th><th class='l'>class</th>"
-                 + "".join(f"<th>{e(m)}</th>" for m in shown) + "</tr>")
+                 + "".join(f"<th>{e(m)}</th>" for m in shown) + "<th class='l'>QC flags</th></tr>")
     for r in results:
         if not r.ok:
             parts.append(f"<tr class='err'><td class='l'>{e(r.case)}</td><td class='l'>error</td>"
                          f"<td class='l' colspan='{len(shown)}'>{e(r.error or '')}</td></tr>")
             continue
+        flags = "n/a" if r.qc is None else (", ".join(r.qc["flags"]) or "none")
         for c in classes:
             parts.append(f"<tr><td class='l'>{e(r.case)}</td><td class='l'>{e(c)}</td>"
-                         + "".join(f"<td>{_fmt(r.metrics[c][m], m)}</td>" for m in shown) + "</tr>")
+                         + "".join(f"<td>{_fmt(r.metrics[c][m], m)}</td>" for m in shown)
+                         + f"<td class='l'>{e(flags)}</td></tr>")
     parts.append("</table>")
     if summary["failures"]:
         parts.append("<h2>Failures</h2><ul>")
@@ -290,6 +311,19 @@ def _html(summary: dict, results: Sequence[CaseResult], boxes: list, overlays: l
                          f"<img style='max-width:100%' alt='{e(r.case)}' src='{_png_data_uri(png)}'>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _qc_table(qc: dict) -> str:
+    """Liver Dice per QC flag state: do the flags point at the bad cases?"""
+    rows = "".join(
+        f"<tr><td class='l'>{html.escape(row['flag'])}</td><td>{row['n_flagged']}</td>"
+        f"<td>{_fmt(row['dice_flagged'])}</td><td>{_fmt(row['min_dice_flagged'])}</td>"
+        f"<td>{row['n_clear']}</td><td>{_fmt(row['dice_clear'])}</td><td>{_fmt(row['min_dice_clear'])}</td></tr>"
+        for row in qc["liver_dice_by_flag"])
+    return ("<h2>Quality control</h2><p class='note'>Liver Dice of the cases each QC flag marks "
+            "(flags and thresholds: docs/qc.md).</p><table><tr><th class='l'>flag</th>"
+            "<th>cases flagged</th><th>mean Dice</th><th>min Dice</th><th>cases not flagged</th>"
+            f"<th>mean Dice</th><th>min Dice</th></tr>{rows}</table>")
 
 
 def find_image(reference_file: str | Path | None, case: str,

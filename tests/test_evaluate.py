@@ -75,7 +75,19 @@ def test_evaluate_scores_every_labelled_case_and_reports_the_bad_one(evaluated: 
         assert pred.shape == label.shape
         assert liver["tp"] + liver["fp"] == int((pred.array > 0).sum())
 
+    # QC per case, and liver Dice per flag state computed from exactly those cases.
+    assert all(set(entry["qc"]) == {"flags", "measures"} for entry in per_case.values())
+    assert "liver_cut_by_field_of_view" in per_case["tsexample"]["qc"]["flags"]  # cut at the dome
+    table = {row["flag"]: row for row in summary["qc"]["liver_dice_by_flag"]}
+    for flag, row in table.items():
+        flagged = [e["metrics"]["liver"]["dice"] for e in per_case.values()
+                   if (e["qc"]["flags"] if flag == "any flag" else flag in e["qc"]["flags"])]
+        assert row["n_flagged"] == len(flagged) and row["n_clear"] == 2 - len(flagged)
+        if flagged:
+            assert row["dice_flagged"] == pytest.approx(np.mean(flagged), abs=1e-4)
+
     html = (out / "report.html").read_text()
+    assert "Quality control" in html and "liver_cut_by_field_of_view" in html
     assert all(name in html for name in ("ircadb07", "tsexample", "broken"))
     assert all(src.startswith("data:image/png;base64,")
                for src in re.findall(r"<img[^>]*\ssrc='([^']*)'", html))

@@ -216,6 +216,9 @@ def test_single_output_file_sidecar_preview_probabilities(tiny_bundle: Path, sma
         hu = image.get_fdata()[labels == 1].mean()
         assert sidecar["mean_liver_hu"] == pytest.approx(hu, abs=0.01)
     assert sidecar["model_id"] == "tiny" and sidecar["model_version"] == "0"
+    assert set(sidecar["qc"]) == {"flags", "measures"}
+    assert sidecar["qc"]["measures"]["liver_volume_ml"] == sidecar["liver_volume_ml"]
+    assert "QC" in result.output  # the summary line says what QC found
     assert {"read", "preprocess", "predict", "resample", "postprocess", "write"} <= set(sidecar["seconds"])
     png = tmp_path / "result" / "liver.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -33,7 +33,7 @@ def command(
     """
     from liverseg.bundle import load_bundle
     from liverseg.cli.score import present_summary
-    from liverseg.metrics import evaluate_dataset
+    from liverseg.evaluation import evaluate_dataset
     from liverseg.report import overlay_from_files, write_report
 
     hide = quiet or as_json

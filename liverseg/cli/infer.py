@@ -35,6 +35,8 @@ def command(
                                             help="Also write <case>_probabilities.nii.gz."),
     preview: bool = typer.Option(False, "--preview", help="Also write <case>.png (three slices, "
                                  "mask outlined)."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write <case>_seg.dcm, a DICOM "
+                                   "Segmentation referencing the input series (DICOM inputs only)."),
     shard: str | None = typer.Option(None, "--shard", metavar="I/N", help="Process every N-th case "
                                      "starting at I (0-based), for cluster job arrays."),
     force: bool = typer.Option(False, "--force", help="Redo cases already finished."),
@@ -43,9 +45,10 @@ def command(
 ) -> None:
     """Segment the liver (1) and liver tumours (2); each mask lands on its input's exact grid.
 
-    Beside each mask a JSON sidecar records liver and tumour volume (mL), mean liver HU, seconds
-    per stage and the model. Finished cases are skipped (--force redoes them); a bad case is
-    reported and the batch goes on; the exit code is 2 if any case failed.
+    Beside each mask a JSON sidecar records liver and tumour volume (mL), mean liver HU, QC
+    flags and measures (docs/qc.md), seconds per stage and the model. Finished cases are
+    skipped (--force redoes them); a bad case is reported and the batch goes on; the exit code
+    is 2 if any case failed.
     """
     from liverseg.batch import parse_shard, run_inference
 
@@ -58,13 +61,15 @@ def command(
     report = run_inference(
         list(inputs), output, model=model, device=device, overlap=overlap, tta=tta,
         sw_batch_size=sw_batch_size, save_probabilities=save_probabilities, preview=preview,
-        shard=parse_shard(shard), force=force, postprocess=postprocess, progress=bar,
-        on_error=report_error)
+        shard=parse_shard(shard), force=force, postprocess=postprocess, dicom_seg=dicom_seg,
+        progress=bar, on_error=report_error)
     if as_json:
         emit_json(report.to_dict())
     elif not quiet and len(report.cases) > 1:
         typer.echo(f"infer: {report.summary()}", err=True)
     elif not quiet and report.done:
-        typer.echo(f"wrote {report.done[0].output}", err=True)
+        done = report.done[0]
+        flags = "QC ok" if not done.qc_flags else "QC: " + ", ".join(done.qc_flags)
+        typer.echo(f"wrote {done.output} ({flags})", err=True)
     if not report.ok:
         raise typer.Exit(EXIT_BAD_INPUT)

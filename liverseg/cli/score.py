@@ -78,4 +78,12 @@ def format_aggregate(summary: dict) -> str:
         gd = entry["global_dice"]
         lines.append(f"  {name:7s} Dice {ms('dice')}  HD95 {ms('hd95_mm')} mm  ASSD {ms('assd_mm')} mm"
                      f"  NSD {ms('nsd')}  global Dice {'n/a' if gd is None else f'{gd:.4f}'}")
+    if "qc" in summary:
+        anyflag = summary["qc"]["liver_dice_by_flag"][0]
+
+        def dice(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.4f}"
+        lines.append(f"  QC: {anyflag['n_flagged']} of {summary['qc']['n_cases']} cases flagged "
+                     f"(liver Dice {dice(anyflag['dice_flagged'])}), {anyflag['n_clear']} clear "
+                     f"(liver Dice {dice(anyflag['dice_clear'])})")
     return "\n".join(lines)
