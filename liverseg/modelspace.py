@@ -22,12 +22,21 @@ from dataclasses import asdict, dataclass
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
 from liverseg.config import IntensityConfig, PreprocessConfig
 from liverseg.io import Volume, spacing_of
+from liverseg.resample import (
+    Box,
+    axis_operator,
+    box_in_target,
+    resize_block,
+    resize_native,
+    rows_touching,
+    world_resample,
+    world_sample,
+)
 
 
 @dataclass
@@ -41,6 +50,9 @@ class SpatialRecord:
     resampled_shape: list[int]
     crop_box: list[list[int]]  # [[start, stop], ...] in the resampled grid
     model_affine: list[list[float]]
+    # True: the native grid is oblique and the fields above describe the world-aligned grid it was
+    # sampled onto (see to_model_space(upright=True)); native_* are the input's own grid.
+    oblique: bool = False
 
     @property
     def model_shape(self) -> tuple[int, int, int]:
@@ -56,25 +68,6 @@ class SpatialRecord:
     @classmethod
     def from_dict(cls, data: dict) -> SpatialRecord:
         return cls(**data)
-
-
-def resize(array: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Resize a (C, X, Y, Z) float tensor to ``shape`` with aligned grid extents.
-
-    Axes that shrink are area-averaged first (anti-aliasing), axes that grow are then
-    interpolated trilinearly; both use the same voxel-corner alignment.
-    """
-    src = tuple(array.shape[1:])
-    shape = tuple(int(s) for s in shape)
-    if src == shape:
-        return array
-    x = array.unsqueeze(0)
-    shrunk = tuple(min(s, t) for s, t in zip(src, shape, strict=True))
-    if shrunk != src:
-        x = F.adaptive_avg_pool3d(x, shrunk)
-    if shrunk != shape:
-        x = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
-    return x[0]
 
 
 def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...],
@@ -147,18 +140,6 @@ def native_order(shape: tuple[int, ...], transform: np.ndarray) -> tuple[int, in
     return tuple(int(shape[int(transform[i, 0])]) for i in range(3))  # type: ignore[return-value]
 
 
-def resize_native(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Resize a 3D float32 array to ``shape`` (as :func:`resize`), whatever its memory order.
-
-    nibabel gives Fortran-ordered arrays; their transpose is a C-ordered view, and resizing that
-    view (with the shape reversed) avoids a full-size copy and is about 3x faster.
-    """
-    if array.flags.f_contiguous and not array.flags.c_contiguous:
-        out = resize(torch.from_numpy(array.T)[None], tuple(reversed(shape)))[0]
-        return out.numpy().T
-    return resize(torch.from_numpy(np.ascontiguousarray(array))[None], tuple(shape))[0].numpy()
-
-
 def plan_geometry(volume: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, ...]]:
     """Orientation transform to RAS and the shape after reorientation."""
     transform = ornt_transform(io_orientation(volume.affine), axcodes2ornt(tuple(cfg.orientation)))
@@ -167,8 +148,20 @@ def plan_geometry(volume: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, tu
     return transform, tuple(int(n) for n in apply_orientation(dummy, transform).shape)
 
 
-def to_model_space(volume: Volume, cfg: PreprocessConfig) -> tuple[torch.Tensor, SpatialRecord]:
-    """CT in HU -> (1, X, Y, Z) normalised float32 tensor in model space, and its record."""
+def to_model_space(volume: Volume, cfg: PreprocessConfig, *, upright: bool = False
+                   ) -> tuple[torch.Tensor, SpatialRecord]:
+    """CT in HU -> (1, X, Y, Z) normalised float32 tensor in model space, and its record.
+
+    ``upright``: an oblique volume is first sampled onto a world-aligned grid at the plan spacing
+    (:func:`aligned_proxy`), so the network sees upright anatomy as in training; the record then
+    says so (``oblique``), and :func:`to_native` samples straight back onto the oblique grid.
+    """
+    if upright and is_oblique(volume.affine):
+        image, record = to_model_space(aligned_proxy(volume, cfg.target_spacing), cfg)
+        record.native_shape = list(volume.shape)
+        record.native_affine = np.asarray(volume.affine, dtype=np.float64).tolist()
+        record.oblique = True
+        return image, record
     transform, canonical_shape = plan_geometry(volume, cfg)
     canonical_affine = volume.affine @ nib.orientations.inv_ornt_aff(transform, volume.shape)
     target_shape = resampled_shape(canonical_shape, spacing_of(canonical_affine), cfg.target_spacing)
@@ -201,12 +194,13 @@ def argmax_channels(probs: torch.Tensor) -> torch.Tensor:
     A running comparison over the few channels; torch's argmax over a leading axis of a
     large 3D volume is about 20x slower on CPU. Ties go to the lower class, as with argmax.
     """
-    best = probs[0].clone()
+    best = probs[0]
     labels = torch.zeros(probs.shape[1:], dtype=torch.uint8)
     for c in range(1, probs.shape[0]):
         better = probs[c] > best
-        labels[better] = c
-        torch.maximum(best, probs[c], out=best)
+        labels.masked_fill_(better, c)
+        if c + 1 < probs.shape[0]:
+            best = torch.maximum(best, probs[c])
     return labels
 
 
@@ -219,9 +213,8 @@ def decide_labels(probs: torch.Tensor, nested: bool = False) -> torch.Tensor:
     """
     if not nested or probs.shape[0] < 3:
         return argmax_channels(probs)
-    labels = argmax_channels(probs[1:]) + 1
-    labels[probs[0] >= 0.5] = 0
-    return labels
+    labels = argmax_channels(probs[1:]).add_(1)
+    return labels.masked_fill_(probs[0] >= 0.5, 0)
 
 
 def label_to_model_space(label: np.ndarray, record: SpatialRecord, num_classes: int) -> np.ndarray:
@@ -255,38 +248,146 @@ def label_to_model_probabilities(label: np.ndarray, record: SpatialRecord,
     return torch.stack([background, *channels]).contiguous()
 
 
-def _canonical_probabilities(probs: torch.Tensor, record: SpatialRecord) -> torch.Tensor:
-    """(C, model grid) -> (C, reoriented native grid), background outside the body crop."""
-    num_classes = probs.shape[0]
-    full = torch.zeros((num_classes, *record.resampled_shape), dtype=probs.dtype)
-    full[0] = 1.0  # outside the body crop there is only background
-    (x0, x1), (y0, y1), (z0, z1) = record.crop_box
-    full[:, x0:x1, y0:y1, z0:z1] = probs
-    return resize(full, tuple(record.canonical_shape))
+# --------------------------------------------------------------------------------------------
+# Back to the native grid
 
 
-def _from_canonical(array: np.ndarray, record: SpatialRecord) -> np.ndarray:
-    """Undo the reorientation of a 3D array: canonical (RAS) axes -> the input's own axes."""
-    native_ornt = io_orientation(np.asarray(record.native_affine))
-    back = ornt_transform(axcodes2ornt("RAS"), native_ornt)
-    return np.ascontiguousarray(apply_orientation(array, back))
+@dataclass
+class NativeLabels:
+    """Labels on the native grid and the box of it outside which every label is background."""
+
+    labels: np.ndarray  # uint8, the native grid's shape
+    box: tuple[slice, slice, slice]  # native voxel ranges; empty when nothing can be foreground
+    probabilities: torch.Tensor | None = None  # (C, native grid) float32, when asked for
+
+
+def _foreground_box(probs: torch.Tensor, nested: bool) -> Box | None:
+    """The box of the voxels whose label is not background, or None.
+
+    Outside it, every voxel is background by a margin that resampling keeps: each native value is
+    a convex combination of model-grid values, and ``P(background) >= 0.5`` (nested rule) or
+    ``P(background) >= P(c)`` for every class (argmax) survives convex combinations.
+    """
+    candidate = decide_labels(probs, nested) > 0
+    if not bool(candidate.any()):
+        return None
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        found = torch.nonzero(candidate.any(dim=others[1]).any(dim=others[0])).flatten()
+        box.append((int(found[0]), int(found[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
+class _Separable:
+    """Native values of a non-oblique record: the separable resize of :func:`resize_block`,
+    worked out on the reoriented (canonical) grid; only uint8 labels or single slabs get reoriented."""
+
+    def __init__(self, probs: torch.Tensor, record: SpatialRecord) -> None:
+        self.record = record
+        self.coarse = torch.zeros((probs.shape[0], *record.resampled_shape), dtype=torch.float32)
+        self.coarse[0] = 1.0  # outside the body crop there is only background
+        (x0, x1), (y0, y1), (z0, z1) = record.crop_box
+        self.coarse[:, x0:x1, y0:y1, z0:z1] = probs
+        self.shape = tuple(record.canonical_shape)
+        self.operators = [axis_operator(n_in, n_out)
+                          for n_in, n_out in zip(record.resampled_shape, self.shape, strict=True)]
+        self.back = ornt_transform(axcodes2ornt("RAS"), io_orientation(np.asarray(record.native_affine)))
+
+    def box_of(self, coarse_box: Box) -> Box:
+        return tuple(rows_touching(op, start, stop)  # type: ignore[return-value]
+                     for op, (start, stop) in zip(self.operators, coarse_box, strict=True))
+
+    def values(self, box: Box) -> torch.Tensor:
+        return resize_block(self.coarse, self.operators, box)
+
+    def native(self, box: Box) -> tuple[slice, slice, slice]:
+        transform = np.asarray(self.record.to_canonical)
+        slices = []
+        for axis, size in enumerate(self.record.native_shape):
+            start, stop = box[int(transform[axis, 0])]
+            flipped = transform[axis, 1] < 0
+            slices.append(slice(size - stop, size - start) if flipped else slice(start, stop))
+        return tuple(slices)  # type: ignore[return-value]
+
+    def orient(self, array: np.ndarray) -> np.ndarray:
+        return apply_orientation(array, self.back)
+
+
+class _Oblique:
+    """Native values of an oblique record: trilinear samples of the world-aligned model grid at
+    the native voxels' world positions (one resampling, no intermediate grid)."""
+
+    def __init__(self, probs: torch.Tensor, record: SpatialRecord) -> None:
+        self.coarse = probs
+        self.model_affine = np.asarray(record.model_affine)
+        self.native_affine = np.asarray(record.native_affine)
+        self.shape = tuple(record.native_shape)
+        self.fill = [1.0] + [0.0] * (probs.shape[0] - 1)  # background outside the model grid
+
+    def box_of(self, coarse_box: Box) -> Box:
+        return box_in_target(coarse_box, self.model_affine, self.native_affine, self.shape)
+
+    def values(self, box: Box) -> torch.Tensor:
+        return world_sample(self.coarse, self.model_affine, self.native_affine, box, self.fill)
+
+    def native(self, box: Box) -> tuple[slice, slice, slice]:
+        return tuple(slice(start, stop) for start, stop in box)  # type: ignore[return-value]
+
+    def orient(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+
+def _slabs(box: Box, voxels: int) -> list[Box]:
+    """``box`` cut along its last axis into slabs of about ``voxels`` voxels each."""
+    (x0, x1), (y0, y1), (z0, z1) = box
+    step = max(1, voxels // max(1, (x1 - x0) * (y1 - y0)))
+    return [((x0, x1), (y0, y1), (k, min(z1, k + step))) for k in range(z0, z1, step)]
+
+
+def to_native(probs: torch.Tensor, record: SpatialRecord, nested: bool = False, *,
+              keep_probabilities: bool = False, slab_voxels: int = 1 << 21) -> NativeLabels:
+    """(C, model grid) probabilities -> labels (and optionally probabilities) on the native grid.
+
+    Probabilities, not model-resolution labels, are resampled and the labels decided on the native
+    grid (:func:`decide_labels`), slab by slab (``slab_voxels`` per slab), and only inside the box
+    where a label can differ from background (:func:`_foreground_box`): memory and time follow
+    the slab and the liver, not the scan's length. Kept probabilities cover the whole grid.
+    """
+    sampler = _Oblique(probs, record) if record.oblique else _Separable(probs, record)
+    labels = np.zeros(tuple(record.native_shape), dtype=np.uint8)
+    coarse_box = _foreground_box(sampler.coarse, nested)
+    box = sampler.box_of(coarse_box) if coarse_box is not None else None
+    if box is not None and any(stop <= start for start, stop in box):
+        box = None
+    kept = None
+    if keep_probabilities:  # everywhere, and the labels from exactly these values
+        kept = torch.empty((probs.shape[0], *record.native_shape), dtype=torch.float32)
+        whole: Box = tuple((0, n) for n in sampler.shape)  # type: ignore[assignment]
+        for slab in _slabs(whole, slab_voxels):
+            values = sampler.values(slab)
+            target = sampler.native(slab)
+            kept[(slice(None), *target)] = torch.from_numpy(
+                np.stack([sampler.orient(channel) for channel in values.numpy()]))
+            labels[target] = sampler.orient(decide_labels(values, nested).numpy())
+    elif box is not None:
+        for slab in _slabs(box, slab_voxels):
+            labels[sampler.native(slab)] = sampler.orient(
+                decide_labels(sampler.values(slab), nested).numpy())
+    native_box = sampler.native(box) if box is not None else (slice(0, 0),) * 3
+    return NativeLabels(labels=labels, box=native_box, probabilities=kept)
 
 
 def probabilities_to_native(probs: torch.Tensor, record: SpatialRecord) -> torch.Tensor:
     """(C, model grid) class probabilities -> (C, native grid)."""
-    canonical = _canonical_probabilities(probs, record).numpy()
-    return torch.from_numpy(np.stack([_from_canonical(c, record) for c in canonical]))
+    native = to_native(probs, record, keep_probabilities=True).probabilities
+    assert native is not None
+    return native
 
 
 def labels_to_native(probs: torch.Tensor, record: SpatialRecord, nested: bool = False) -> np.ndarray:
-    """(C, model grid) probabilities -> uint8 labels on the native grid.
-
-    Probabilities (not model-resolution labels) are resampled, then the labels are decided
-    (``decide_labels``); the reorientation is a pure axis permutation/flip, so it is applied
-    to the cheap uint8 result.
-    """
-    canonical = decide_labels(_canonical_probabilities(probs, record), nested).numpy()
-    return _from_canonical(canonical, record)
+    """(C, model grid) probabilities -> uint8 labels on the native grid (see :func:`to_native`)."""
+    return to_native(probs, record, nested).labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,47 +400,17 @@ def is_oblique(affine: np.ndarray, tol: float = 1e-3) -> bool:
     return bool(np.any((directions > tol) & (directions < 1.0 - tol)))
 
 
-def world_resample(source: torch.Tensor, source_affine: np.ndarray, target_affine: np.ndarray,
-                    target_shape: tuple[int, ...], fill: list[float], chunk: int = 8) -> torch.Tensor:
-    """(C, source grid) -> (C, target grid) by trilinear sampling at the same world positions;
-    ``fill[c]`` outside the source. Works in slabs of ``chunk`` slices to bound memory."""
-    index_map = torch.as_tensor(np.linalg.inv(source_affine) @ target_affine, dtype=torch.float32)
-    channels = source.shape[0]
-    src = (source - torch.tensor(fill, dtype=source.dtype).view(-1, 1, 1, 1))[None]
-    sizes = torch.tensor(source.shape[1:], dtype=torch.float32)
-    scale = 2.0 / torch.clamp(sizes - 1.0, min=1.0)
-    out = torch.empty((channels, *target_shape), dtype=torch.float32)
-    i, j = torch.meshgrid(torch.arange(target_shape[0], dtype=torch.float32),
-                          torch.arange(target_shape[1], dtype=torch.float32), indexing="ij")
-    for k0 in range(0, target_shape[2], chunk):
-        k1 = min(target_shape[2], k0 + chunk)
-        k = torch.arange(k0, k1, dtype=torch.float32)
-        ijk = torch.stack(torch.broadcast_tensors(i[..., None], j[..., None], k), dim=-1)
-        coords = ijk @ index_map[:3, :3].T + index_map[:3, 3]  # source voxel indices
-        grid = (coords * scale - 1.0).flip(-1)[None]  # grid_sample wants (z, y, x) = (W, H, D)
-        sampled = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
-                                                  align_corners=True)
-        out[:, :, :, k0:k1] = sampled[0]
-    return out.add_(torch.tensor(fill, dtype=torch.float32).view(-1, 1, 1, 1))
-
-
-def aligned_proxy(volume: Volume, spacing: tuple[float, float, float]
-                   ) -> tuple[Volume, np.ndarray, tuple[int, int, int]]:
+def aligned_proxy(volume: Volume, spacing: tuple[float, float, float]) -> Volume:
     """An oblique CT at ``spacing`` on a grid aligned with the world (RAS) axes covering it.
 
     The network learnt upright anatomy; feeding it an oblique grid unchanged would show it
     rotated anatomy. The volume is first area-averaged at ``spacing`` on its own grid
     (anti-aliasing, as the normal path does), then sampled trilinearly onto the aligned grid;
-    outside the scan is air. Returns the proxy and the coarse grid (affine, shape) on which
-    probabilities come back before the fast separable upsampling to the native grid.
+    outside the scan is air.
     """
     coarse_shape = resampled_shape(volume.shape, volume.spacing, spacing)
     coarse = resize_native(np.asarray(volume.array, dtype=np.float32), coarse_shape)
-    scale = np.array(volume.shape, dtype=np.float64) / np.array(coarse_shape, dtype=np.float64)
-    index_map = np.eye(4)
-    index_map[:3, :3] = np.diag(scale)
-    index_map[:3, 3] = (scale - 1.0) / 2.0
-    coarse_affine = volume.affine @ index_map
+    coarse_affine = _affine_after_resize(volume.affine, volume.shape, coarse_shape)
     corners = np.array([[a, b, c, 1.0] for a in (-0.5, volume.shape[0] - 0.5)
                         for b in (-0.5, volume.shape[1] - 0.5) for c in (-0.5, volume.shape[2] - 0.5)])
     world = (volume.affine @ corners.T)[:3]
@@ -350,5 +421,5 @@ def aligned_proxy(volume: Volume, spacing: tuple[float, float, float]
     affine[:3, :3] = np.diag(step)
     affine[:3, 3] = low + 0.5 * step
     array = world_resample(torch.from_numpy(np.ascontiguousarray(coarse))[None], coarse_affine, affine,
-                            shape, fill=[-1024.0])[0]
-    return Volume(array=array.numpy(), affine=affine, source=volume.source), coarse_affine, coarse_shape
+                           shape, fill=[-1024.0])[0]
+    return Volume(array=array.numpy(), affine=affine, source=volume.source)

@@ -187,3 +187,78 @@ def test_nested_decision_keeps_split_foreground() -> None:
     assert decide_labels(probs, nested=False).tolist() == [0, 0, 2, 0]
     # Two classes: both rules are the argmax.
     assert decide_labels(probs[:2], nested=True).tolist() == argmax_channels(probs[:2]).tolist()
+
+
+def _smooth_probabilities(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """(3, *shape) softmax of smooth random fields: blobs of foreground (tumour inside some) in
+    one corner of the grid, background elsewhere, so that the foreground box is off-centre."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn((1, 3, *(max(2, s // 4) for s in shape)), generator=generator) * 4.0
+    logits = torch.nn.functional.interpolate(logits, size=shape, mode="trilinear", align_corners=False)[0]
+    logits -= torch.tensor([2.0, 0.0, 1.0]).view(3, 1, 1, 1)
+    corner = tuple(slice(s // 5, s // 5 + s // 2) for s in shape)
+    outside = torch.ones(shape, dtype=torch.bool)
+    outside[corner] = False
+    logits[0][outside] += 20.0
+    return torch.softmax(logits, dim=0)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_native_labels_in_slabs_equal_the_whole_grid_resize(nested: bool) -> None:
+    """Labels decided slab by slab inside the foreground box are those of resizing the whole grid
+    at once; outside the box everything is background. LPS input (axes flipped), one axis finer
+    than the model grid (upsampled) and one coarser (area-averaged), body crop inside the grid."""
+    from liverseg.modelspace import SpatialRecord, to_native
+    from liverseg.resample import resize
+
+    native_shape = (90, 70, 13)  # x, y finer than the model grid; z (6 mm) coarser than 4 mm
+    affine = np.diag([-1.0, -1.2, 6.0, 1.0])
+    volume = Volume(np.zeros(native_shape, np.float32), affine)
+    record = SpatialRecord(
+        native_shape=list(native_shape), native_affine=affine.tolist(),
+        to_canonical=[[0, -1], [1, -1], [2, 1]], canonical_shape=list(native_shape),
+        resampled_shape=[23, 21, 20], crop_box=[[2, 21], [0, 21], [3, 18]], model_affine=np.eye(4).tolist())
+    assert volume.axcodes == "LPS"
+    probs = _smooth_probabilities(tuple(b - a for a, b in record.crop_box))
+    full = torch.zeros((3, *record.resampled_shape))
+    full[0] = 1.0
+    full[:, 2:21, 0:21, 3:18] = probs
+    expected = decide_labels(resize(full, native_shape), nested).numpy()[::-1, ::-1]  # RAS -> LPS
+    result = to_native(probs, record, nested, slab_voxels=4000)  # many slabs
+    assert 0.01 < (expected > 0).mean() < 0.3
+    assert (result.labels != expected).mean() < 1e-4  # only float ties may differ
+    outside = np.ones(native_shape, bool)
+    outside[result.box] = False
+    assert not result.labels[outside].any() and not expected[outside].any()
+    assert result.labels[result.box].size < 0.5 * result.labels.size
+    kept = to_native(probs, record, nested, keep_probabilities=True)
+    np.testing.assert_allclose(kept.probabilities.numpy(), resize(full, native_shape).numpy()[:, ::-1, ::-1],
+                               atol=1e-5)
+    np.testing.assert_array_equal(kept.labels, decide_labels(kept.probabilities, nested).numpy())
+
+
+def test_oblique_native_labels_sample_the_model_grid_once() -> None:
+    """An oblique record's labels are the model-grid probabilities sampled at the native voxels'
+    world positions (one trilinear resampling), slab by slab inside the foreground box."""
+    from liverseg.modelspace import SpatialRecord, to_native
+    from liverseg.resample import world_resample
+
+    model_affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    model_affine[:3, 3] = [-40.0, -30.0, -20.0]
+    native_affine = _rot_z(20) @ np.diag([1.5, 1.5, 2.0, 1.0])
+    native_affine[:3, 3] = [-50.0, -60.0, -25.0]
+    native_shape = (80, 75, 28)
+    probs = _smooth_probabilities((20, 18, 12), seed=1)
+    record = SpatialRecord(
+        native_shape=list(native_shape), native_affine=native_affine.tolist(),
+        to_canonical=[[0, 1], [1, 1], [2, 1]], canonical_shape=[20, 18, 12],
+        resampled_shape=[20, 18, 12], crop_box=[[0, 20], [0, 18], [0, 12]],
+        model_affine=model_affine.tolist(), oblique=True)
+    whole = world_resample(probs, model_affine, native_affine, native_shape, fill=[1.0, 0.0, 0.0])
+    expected = decide_labels(whole, nested=True).numpy()
+    result = to_native(probs, record, nested=True, slab_voxels=5000)
+    assert 0.01 < (expected > 0).mean() < 0.3
+    assert (result.labels != expected).mean() < 1e-4
+    outside = np.ones(native_shape, bool)
+    outside[result.box] = False
+    assert not expected[outside].any()
