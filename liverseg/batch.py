@@ -3,7 +3,9 @@ predicted and written (mask, sidecar with QC, optional probabilities, preview an
 resume and sharding.
 
 Finished cases (mask and sidecar present; the sidecar is written last, atomically) are skipped; a
-failing case is recorded and the batch goes on.
+failing case is recorded and the batch goes on. Each case is claimed (``atomic.claimed``) while it
+is worked on, so several runs may share an output folder, and a run killed at any moment is
+rerun with the same command (its temporary files are removed, finished cases kept).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class CaseResult:
     error: str = ""
     seconds: float = 0.0
     qc_flags: list[str] | None = None  # the case's QC flags (None: unknown, e.g. failed)
+    warnings: list[str] = field(default_factory=list)  # the input was usable but doubtful
 
 
 @dataclass
@@ -218,6 +221,9 @@ def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: fl
                                 postprocess=None if postprocess else False, contrast=contrast)
     seg_info = None
     timings.update(prediction.timings)
+    # The sidecar marks a finished case: remove an earlier run's first, so that a crash while the
+    # new files are written leaves the case unfinished rather than old sidecar + new mask.
+    job.sidecar.unlink(missing_ok=True)
     written: list[Path] = []
     try:
         with timed(timings, "write"):
@@ -259,6 +265,7 @@ def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: fl
         "liverseg_version": __version__,
         "device": device,
         "geometry": volume.geometry(),
+        "warnings": list(volume.warnings),
     }
     if save_probabilities:
         sidecar["probabilities"] = str(job.probabilities)
@@ -276,10 +283,12 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
                   preview: bool = False, shard: tuple[int, int] | None = None, force: bool = False,
                   postprocess: bool = True, dicom_seg: bool = False,
                   progress: Callable[[Iterable[CaseJob], int], Iterable[CaseJob]] | None = None,
-                  on_error: Callable[[CaseResult], None] | None = None) -> InferReport:
+                  on_error: Callable[[CaseResult], None] | None = None,
+                  on_warning: Callable[[CaseResult], None] | None = None) -> InferReport:
     """Segment every case; finished cases are skipped unless ``force``; a failing case is recorded
     and the batch goes on. Setup errors (no model, no inputs) raise LiversegError before any write.
     """
+    from liverseg.atomic import claimed, remove_stale_parts
     from liverseg.bundle import load_bundle
 
     device = resolve_device(device)
@@ -288,9 +297,10 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
         check_dicom_seg_inputs(jobs)
     bundle = load_bundle(model, device=device)
     report = InferReport(model_id=bundle.model_id, model_version=bundle.model_version)
+    remove_stale_parts(*sorted({job.mask.parent for job in jobs}))  # left by runs that were killed
     iterable: Iterable[CaseJob] = progress(jobs, len(jobs)) if progress is not None else jobs
-    for job in iterable:
-        if not force and _finished(job, dicom_seg):
+    for job, todo in claimed(iterable, lambda j: j.mask, lambda j: _finished(j, dicom_seg), force=force):
+        if not todo:
             report.cases.append(CaseResult(job.case, str(job.image), str(job.mask), "skipped",
                                            qc_flags=_sidecar_flags(job)))
             continue
@@ -308,8 +318,12 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
         else:
             result = CaseResult(job.case, str(job.image), str(job.mask), "done",
                                 seconds=round(time.perf_counter() - start, 3),
-                                qc_flags=list(sidecar["qc"]["flags"]))
+                                qc_flags=list(sidecar["qc"]["flags"]), warnings=sidecar["warnings"])
         report.cases.append(result)
         if result.status == "failed" and on_error is not None:
             on_error(result)
+        if result.warnings and on_warning is not None:
+            on_warning(result)
+    order = {job.case: i for i, job in enumerate(jobs)}
+    report.cases.sort(key=lambda c: order[c.case])  # cases waited for come last otherwise
     return report

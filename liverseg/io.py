@@ -2,14 +2,22 @@
 
 Every image in liverseg is a :class:`Volume`: a 3D array in NIfTI voxel order (x, y, z) and the
 4x4 affine that maps voxel indices to RAS+ millimetres (nibabel's convention). NIfTI is read with
-nibabel; NRRD, MHA/MHD and DICOM series with SimpleITK, whose LPS geometry is converted to RAS.
+nibabel; NRRD, MHA/MHD and DICOM series (see ``dicom.py``) with SimpleITK, whose LPS geometry is
+converted to RAS.
+
+The reader is where inputs are judged, once for every command: an image whose geometry is
+damaged (zero, negative or non-finite voxel size, a singular or non-finite affine: checked in the
+raw NIfTI header, before nibabel quietly "fixes" it), that holds non-finite voxels, or that is too
+small to hold a liver is refused with a one-line error (the rules are in ``checks.py`` and
+``dicom.py``). What is usable but doubtful (qform and sform disagreeing, no orientation in the
+header, several DICOM series in a folder) is read, and a short note is added to
+``Volume.warnings``, which ``infer`` copies into the sidecar and prints.
 """
 
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
+import logging
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,28 +28,28 @@ import nibabel as nib
 import numpy as np
 from isal import igzip, isal_zlib
 
+from liverseg.atomic import atomic_path, write_text_atomic  # noqa: F401 (re-exported)
+from liverseg.checks import (
+    MIN_LIVER_EXTENT_MM,
+    check_affine,
+    check_extent,
+    check_finite,
+    check_nifti_header,
+    raw_nifti_header,
+)
+from liverseg.dicom import (  # noqa: F401 (dicom_series, dicom_series_files re-exported)
+    check_dicom_file,
+    dicom_series,
+    dicom_series_files,
+    read_series,
+    sitk,
+)
 from liverseg.errors import LiversegError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-
-
-class _SimpleITK:
-    """SimpleITK, imported on first use: importing it costs about 0.3 s and 100 MB that reading
-    NIfTI never needs (most of what ``liverseg infer`` reads)."""
-
-    def __getattr__(self, name: str) -> object:
-        import SimpleITK
-
-        # ITK prints warnings (e.g. 'No Series were found') straight to stderr; liverseg reports
-        # problems itself as one-line errors, so keep stderr clean.
-        SimpleITK.ProcessObject_SetGlobalWarningDisplay(False)
-        return getattr(SimpleITK, name)
-
-
-sitk = _SimpleITK()
 
 
 @dataclass
@@ -57,6 +65,7 @@ class Volume:
     affine: np.ndarray
     source: str = ""
     header: nib.Nifti1Header | None = field(default=None, repr=False)
+    warnings: list[str] = field(default_factory=list)  # usable but doubtful: short notes
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -115,9 +124,15 @@ def case_name(path: str | Path) -> str:
     return name
 
 
-def read_ct(path: str | Path, series_uid: str | None = None) -> Volume:
-    """Read a CT image in Hounsfield units (float32) from NIfTI, NRRD/MHA or a DICOM folder."""
+def read_ct(path: str | Path, series_uid: str | None = None, *,
+            min_extent_mm: float | None = MIN_LIVER_EXTENT_MM) -> Volume:
+    """Read a CT image in Hounsfield units (float32) from NIfTI, NRRD/MHA or a DICOM folder.
+
+    Refuses (LiversegError) damaged geometry, non-finite voxels and images thinner than
+    ``min_extent_mm`` along any axis (None: any size, for reading slabs that are not segmented).
+    """
     volume = _read_any(Path(path), series_uid, dtype=np.float32)
+    check_extent(volume, min_extent_mm)
     return volume
 
 
@@ -148,10 +163,14 @@ def _read_any(path: Path, series_uid: str | None, dtype: type | None) -> Volume:
     if not path.exists():
         raise LiversegError("file or folder not found; check the path", path)
     if path.is_dir():
-        volume = _read_dicom_series(path, series_uid)
+        image, warnings = read_series(path, series_uid)
+        volume = _from_sitk(image, str(path))
+        volume.warnings = warnings
     elif path.name.lower().endswith(NIFTI_SUFFIXES):
         volume = _read_nifti(path, dtype)
     elif path.name.lower().endswith(ITK_SUFFIXES) or path.suffix.lower() == ".dcm":
+        if path.suffix.lower() == ".dcm":
+            check_dicom_file(path)
         volume = _from_sitk(_sitk_read(path), str(path))
     else:
         raise LiversegError(
@@ -160,6 +179,8 @@ def _read_any(path: Path, series_uid: str | None, dtype: type | None) -> Volume:
             path,
         )
     volume.array = _as_3d(volume.array, path)
+    check_affine(volume.affine, path)
+    check_finite(volume.array, path)
     if dtype is not None and volume.array.dtype != dtype:
         volume.array = volume.array.astype(dtype)
     return volume
@@ -202,27 +223,42 @@ def _load_nifti(path: Path) -> nib.spatialimages.SpatialImage:
 
 def _read_nifti(path: Path, dtype: type | None) -> Volume:
     try:
-        image = _load_nifti(path)
-        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-            raise LiversegError("not a NIfTI image", path)
-        # Integer labels stay integer; CT goes through the scaling (slope/intercept) to HU.
-        if dtype is None and np.issubdtype(image.get_data_dtype(), np.integer) and not (
-            _has_scaling(image)
-        ):
-            array = np.asarray(image.dataobj)
-        else:
-            array = np.asarray(image.get_fdata(dtype=np.float32))
+        warnings = check_nifti_header(raw_nifti_header(path), path)
+        # nibabel logs its header fix-ups to stderr; the header was judged above instead.
+        with _quiet_nibabel():
+            image = _load_nifti(path)
+            if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+                raise LiversegError("not a NIfTI image", path)
+            # Integer labels stay integer; CT goes through the scaling (slope/intercept) to HU.
+            if dtype is None and np.issubdtype(image.get_data_dtype(), np.integer) and not (
+                _has_scaling(image)
+            ):
+                array = np.asarray(image.dataobj)
+            else:
+                array = np.asarray(image.get_fdata(dtype=np.float32))
     except LiversegError:
         raise
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
-            nib.filebasedimages.ImageFileError) as exc:
+            nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
         raise LiversegError(
             f"cannot read NIfTI ({type(exc).__name__}: {exc}); the file is corrupt or "
             "truncated, re-export or re-download it",
             path,
         ) from None
     return Volume(array=array, affine=image.affine.astype(np.float64), source=str(path),
-                  header=image.header.copy())
+                  header=image.header.copy(), warnings=warnings)
+
+
+@contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """nibabel's header fix-up messages off (its LoggingOutputSuppressor loses the handler)."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _has_scaling(image: nib.Nifti1Image) -> bool:
@@ -260,91 +296,6 @@ def _from_sitk(image: sitk.Image, source: str) -> Volume:
     return Volume(array=np.ascontiguousarray(array), affine=affine, source=source)
 
 
-def dicom_series(folder: Path) -> dict[str, list[str]]:
-    """The DICOM series in a folder (not recursive): SeriesInstanceUID -> files sorted by position.
-
-    GDCM orders each series by image position along the slice normal, not by file name.
-    """
-    reader = sitk.ImageSeriesReader()
-    series: dict[str, list[str]] = {}
-    try:
-        for uid in reader.GetGDCMSeriesIDs(str(folder)):
-            series[uid] = list(reader.GetGDCMSeriesFileNames(str(folder), uid))
-    except RuntimeError:
-        return {}
-    return {uid: files for uid, files in series.items() if files}
-
-
-def dicom_series_files(folder: Path, series_uid: str | None = None) -> list[str]:
-    """The files :func:`read_ct` reads from a DICOM folder, in slice order: the series
-    ``series_uid``, else the largest series (the CT; scouts and dose reports are smaller)."""
-    series = dicom_series(folder)
-    if not series:
-        raise LiversegError(
-            "folder holds no readable DICOM image series; point to a folder of CT slices "
-            "(.dcm) or to a NIfTI file",
-            folder,
-        )
-    if series_uid is not None:
-        if series_uid not in series:
-            known = ", ".join(sorted(series)) or "none"
-            raise LiversegError(
-                f"no DICOM series with SeriesInstanceUID {series_uid} (found: {known})", folder
-            )
-        files = series[series_uid]
-    else:
-        files = max(series.values(), key=len)  # the largest series is the CT
-    return files
-
-
-def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
-    files = dicom_series_files(folder, series_uid)
-    if len(files) < 2:
-        raise LiversegError(
-            "DICOM series has a single slice; liverseg needs a 3D CT series", folder
-        )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "unknown error"
-        raise LiversegError(f"cannot read DICOM series ({first})", folder) from None
-    volume = _from_sitk(image, str(folder))
-    volume.array = volume.array.astype(np.float32)  # rescale slope/intercept already applied
-    return volume
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
-
-    A crash or error leaves no partial file at ``path``.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{suffix}",
-                                    dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def write_mask(mask: np.ndarray, reference: Volume, path: str | Path) -> Path:
     """Write a uint8 mask on exactly the reference grid, atomically.
 
@@ -367,6 +318,8 @@ def write_mask(mask: np.ndarray, reference: Volume, path: str | Path) -> Path:
         # Reuse the stored qform/sform verbatim rather than recomputing them from the affine.
         qform, qcode = reference.header.get_qform(coded=True)
         sform, scode = reference.header.get_sform(coded=True)
+        if qform is not None and not np.isfinite(qform).all():
+            qform = reference.affine  # a damaged qform beside the sform in use (read with a warning)
         image.set_qform(qform, int(qcode) if qcode is not None else 0)
         image.set_sform(sform, int(scode) if scode is not None else 0)
         if qform is None and sform is None:

@@ -277,6 +277,21 @@ def resample_nearest(moving: Volume, target: Volume) -> np.ndarray:
                                     output_shape=target.shape, order=0, cval=0, mode="constant")
 
 
+def _grid_text(volume: Volume) -> str:
+    origin = [round(float(v), 2) for v in volume.affine[:3, 3]]
+    return (f"shape {list(volume.shape)}, spacing {[round(s, 3) for s in volume.spacing]}, "
+            f"{volume.axcodes}, origin {origin}")
+
+
+def _overlap(a: Volume, b: Volume) -> bool:
+    """Whether two grids share any space: a's voxel box, mapped into b's voxel indices, meets b's."""
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, a.shape[0] - 0.5) for j in (-0.5, a.shape[1] - 0.5)
+                        for k in (-0.5, a.shape[2] - 0.5)]).T
+    inside_b = (np.linalg.inv(b.affine) @ a.affine @ corners)[:3]
+    return bool(np.all(inside_b.max(axis=1) > -0.5) and
+                np.all(inside_b.min(axis=1) < np.asarray(b.shape) - 0.5))
+
+
 def score_volumes(case: str, pred: Volume, ref: Volume, tolerance_mm: float = DEFAULT_TOLERANCE_MM,
                   resample_to_ref: bool = False) -> CaseResult:
     """Score two label volumes; a grid mismatch is an error unless ``resample_to_ref``."""
@@ -286,10 +301,15 @@ def score_volumes(case: str, pred: Volume, ref: Volume, tolerance_mm: float = DE
     if not same_grid(pred, ref):
         if not resample_to_ref:
             result.error = (
-                f"prediction {pred.source} (shape {list(pred.shape)}, spacing "
-                f"{[round(s, 3) for s in pred.spacing]}) and reference {ref.source} (shape "
-                f"{list(ref.shape)}, spacing {[round(s, 3) for s in ref.spacing]}) are on different"
-                " grids; export the prediction on the reference grid or pass --resample-to-ref")
+                f"prediction {pred.source} ({_grid_text(pred)}) and reference {ref.source} "
+                f"({_grid_text(ref)}) are on different grids; export the prediction on the reference "
+                "grid or pass --resample-to-ref")
+            return result
+        if not _overlap(pred, ref):
+            result.error = (
+                f"prediction {pred.source} ({_grid_text(pred)}) and reference {ref.source} "
+                f"({_grid_text(ref)}) do not overlap in space, so no resampling can compare them; they "
+                "belong to different scans, or one has a wrong origin or orientation in its header")
             return result
         pred_labels = resample_nearest(pred, ref)
     result.has_tumour = bool((ref.array == 2).any() or (pred_labels == 2).any())

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from liverseg.atomic import atomic_path, remove_stale_parts, write_text_atomic
 from liverseg.config import PreprocessConfig
 from liverseg.datasets import Case, Dataset, find_dataset
 from liverseg.errors import LiversegError
-from liverseg.io import Volume, atomic_path, read_ct, read_label, same_grid, write_text_atomic
+from liverseg.io import Volume, read_ct, read_label, same_grid
 
 CACHE_VERSION = 1
 CONFIG_FILE = "preprocess.json"
@@ -50,6 +51,7 @@ class PreprocessReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (case, note): usable but doubtful
     layout: str = ""
     fingerprint: dict = field(default_factory=dict)
 
@@ -64,6 +66,7 @@ class PreprocessReport:
             "done": self.done,
             "skipped": self.skipped,
             "failed": [{"case": c, "error": m} for c, m in self.failed],
+            "warnings": [{"case": c, "warning": m} for c, m in self.warnings],
         }
 
 
@@ -174,6 +177,7 @@ def _preprocess_case(case: Case, cfg: PreprocessConfig, labels: dict[int, str]
     entry, sample = _fingerprint_entry(volume, label, labels)
     tensor, record = to_model_space(volume, cfg)
     image = tensor.numpy().astype(np.float32, copy=False)
+    warnings = list(volume.warnings)
     del volume  # the native HU array is the largest thing held; free it before the label work
     model_label = None
     sidecar: dict[str, Any] = {
@@ -184,6 +188,7 @@ def _preprocess_case(case: Case, cfg: PreprocessConfig, labels: dict[int, str]
         "model_shape": list(record.model_shape),
         "model_spacing": [round(s, 6) for s in record.model_spacing],
         "fingerprint": entry,
+        "warnings": warnings,
     }
     if label is not None and case.label is not None:
         model_label = label_to_model_space(label.array, record, num_classes_of(labels))
@@ -251,12 +256,16 @@ def _case_job(case: Case, cfg_json: dict, labels: dict[int, str], cache_dir: str
     sidecar["config_hash"] = config_hash
     arrays = {"image": image} if label is None else {"image": image, "label": label}
     npz_path, json_path = case_paths(cache, case.case_id)
+    # The sidecar marks a complete case: an earlier run's goes first, so a crash while the new
+    # files are written leaves the case incomplete rather than old sidecar + new arrays.
+    json_path.unlink(missing_ok=True)
     _save_sample(cache, case.case_id, sample)
     with atomic_path(npz_path) as tmp, tmp.open("wb") as handle:
         np.savez_compressed(handle, **arrays)
     # The sidecar goes last: its presence (with matching stamps and hash) marks a complete case.
     write_text_atomic(json_path, json.dumps(sidecar, indent=1))
-    return {"case_id": case.case_id, "entry": sidecar["fingerprint"], "sample": sample}
+    return {"case_id": case.case_id, "entry": sidecar["fingerprint"], "sample": sample,
+            "warnings": sidecar["warnings"]}
 
 
 def _save_sample(cache: Path, case_id: str, sample: np.ndarray) -> None:
@@ -392,6 +401,7 @@ def preprocess_dataset(dataset: str | Path, cache_dir: str | Path, cfg: Preproce
     labels = dict(ds.labels)
     report = PreprocessReport(cache_dir=cache, layout=ds.layout)
     created = not cache.exists()
+    remove_stale_parts(cache, cache / CASES_DIR, cache / SAMPLES_DIR)  # left by killed runs
 
     previous = {c.case_id: None if force else _previous(cache, c) for c in ds.cases}
     entries: dict[str, dict] = {}
@@ -440,6 +450,7 @@ def preprocess_dataset(dataset: str | Path, cache_dir: str | Path, cfg: Preproce
     results = _run_jobs(_case_job, jobs, workers, "preprocess", quiet)
     collect(results)
     report.done = sorted(r["case_id"] for r in results if "error" not in r)
+    report.warnings = sorted((r["case_id"], w) for r in results for w in r.get("warnings", []))
 
     for case_id in failed:  # a failed case leaves nothing, not even an earlier run's output
         entries.pop(case_id, None)

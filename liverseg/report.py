@@ -377,7 +377,7 @@ def overlay_from_files(image_for: Callable[[CaseResult], Path | None],
         image_path = image_for(result)
         image = None
         if image_path is not None:
-            ct = read_ct(image_path)
+            ct = read_ct(image_path, min_extent_mm=None)  # a backdrop for the picture, any size
             image = ct.array if same_grid(ct, ref) else None
         if image is None:  # no CT: masks on a plain dark background
             image = np.full(ref.shape, -1000.0, dtype=np.float32)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from liverseg.atomic import remove_stale_parts
 from liverseg.bundle import save_bundle
 from liverseg.config import Config
 from liverseg.distributed import barrier, dist_env, mean_across_ranks, pick_device
@@ -56,7 +57,7 @@ from liverseg.train_data import (
     patch_loader,
     resolve_splits,
 )
-from liverseg.train_log import TrainLog, progress_bar, step_row
+from liverseg.train_log import LOG_FILE, TrainLog, progress_bar, step_row
 from liverseg.validation import dice_scores, validate
 
 # Names the tests and notebooks have imported from here since before the split.
@@ -156,9 +157,13 @@ def _check_run_dir(run_dir: Path, resume: bool, rank: int) -> None:
             raise LiversegError("this run folder already holds a training run; pass --resume to continue "
                                 "it or choose a new -o folder", run_dir)
         if resume and not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
-            raise LiversegError("nothing to resume (no checkpoints/last.pt); drop --resume to start a new "
-                                "run", run_dir)
+            if not (run_dir / LOG_FILE).is_file():
+                raise LiversegError("nothing to resume (no checkpoints/last.pt); drop --resume to start a "
+                                    "new run", run_dir)
+            # A run stopped (killed) before its first checkpoint: resuming it is starting it again.
+            print("note: no checkpoint yet in this run folder; starting from step 0", file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_parts(run_dir, run_dir / CHECKPOINT_DIR)  # temporary files of a killed run
     barrier()
 
 
@@ -347,7 +352,8 @@ def _train(run: _Run, *, resume: bool, quiet: bool,
     val_cases = [load_case(run.cache, c) for c in run.val_ids] if run.rank == 0 else []
 
     opt = _optimisation(run.config, dev)
-    progress = _restore(ckpt_dir / LAST_CHECKPOINT, run.config, opt) if resume else _Progress()
+    resumable = resume and (ckpt_dir / LAST_CHECKPOINT).is_file()
+    progress = _restore(ckpt_dir / LAST_CHECKPOINT, run.config, opt) if resumable else _Progress()
     model = opt.network
     if run.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(

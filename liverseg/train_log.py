@@ -36,7 +36,9 @@ def trim_log(path: Path, last_step: int) -> list[dict]:
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= last_step]
+        # A row cut short by a kill has missing fields (None); rows after the checkpoint are redone.
+        rows = [r for r in csv.DictReader(f) if None not in r.values() and None not in r
+                and r["step"].isdigit() and int(r["step"]) <= last_step]
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, LOG_FIELDS)
         writer.writeheader()

@@ -123,3 +123,40 @@ def trained_bundle(small_liver_cache: Path, tmp_path_factory: pytest.TempPathFac
         f"train.checkpoint_every={iterations}", "train.augment=false", "train.lr=0.01"])
     train(small_liver_cache, run_dir, config, fold=0, device="cpu", quiet=True)
     return run_dir
+
+
+# --- Small inputs for inference tests -------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained small network: enough for geometry, CLI and error handling."""
+    import torch
+
+    from liverseg.bundle import save_bundle
+    from liverseg.config import Config, ModelConfig
+    from liverseg.networks import build_network
+
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(filters=[8, 16, 32, 64], kernel_size=[3, 3, 3, 3],
+                                   strides=[1, 2, 2, 2], deep_supr_num=1))
+    path = tmp_path_factory.mktemp("tiny_bundle")
+    save_bundle(path, cfg, build_network(cfg.model).state_dict(), card={"name": "tiny", "version": "0"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real CT at 3 mm (TotalSegmentator example), cropped to 72 x 64 x 56 around the upper
+    abdomen so the CLI tests take about a second per case."""
+    import numpy as np
+
+    from liverseg.io import Volume, read_ct, save_volume
+
+    volume = read_ct(shared_file("liver/imagesTr/tsexample.nii.gz"))
+    start = (20, 20, 40)
+    crop = volume.array[20:92, 20:84, 40:96].copy()
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    return save_volume(Volume(crop, volume.affine @ shift),
+                       tmp_path_factory.mktemp("small_ct") / "small.nii.gz")

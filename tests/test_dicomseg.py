@@ -82,7 +82,7 @@ def demo_labels(volume_hu: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("series", series_folders(), ids=lambda p: p.name)
 def test_seg_round_trip_is_identical_and_valid(series: Path, tmp_path: Path) -> None:
-    volume = read_ct(series)
+    volume = read_ct(series, min_extent_mm=None)  # the 3-slice series too: a slab is refused for infer
     labels = demo_labels(volume.array)
     assert {1, 2} <= set(np.unique(labels).tolist())
     out = tmp_path / f"{series.name}_seg.dcm"
@@ -111,7 +111,7 @@ def test_seg_round_trip_is_identical_and_valid(series: Path, tmp_path: Path) -> 
 
 def test_a_mask_from_another_grid_is_refused(tmp_path: Path) -> None:
     series = shared_file("dicom/ct3slice_series")
-    volume = read_ct(series)
+    volume = read_ct(series, min_extent_mm=None)  # a 3 mm slab, read for its grid
     labels = demo_labels(volume.array)
     shifted = volume.with_array(volume.array)
     shifted.affine[:3, 3] += [0.0, 0.0, 1.0]  # one slice off

@@ -58,11 +58,15 @@ def command(
     def report_error(result: CaseResult) -> None:
         typer.echo(f"error: {result.error}", err=True)
 
+    def report_warnings(result: CaseResult) -> None:
+        for warning in result.warnings:
+            typer.echo(f"warning: {result.input}: {warning}", err=True)
+
     report = run_inference(
         list(inputs), output, model=model, device=device, overlap=overlap, tta=tta,
         sw_batch_size=sw_batch_size, save_probabilities=save_probabilities, preview=preview,
         shard=parse_shard(shard), force=force, postprocess=postprocess, dicom_seg=dicom_seg,
-        progress=bar, on_error=report_error)
+        progress=bar, on_error=report_error, on_warning=report_warnings)
     if as_json:
         emit_json(report.to_dict())
     elif not quiet and len(report.cases) > 1:

@@ -35,6 +35,8 @@ def command(
                                 quiet=quiet or as_json)
     for case_id, message in report.failed:
         typer.echo(f"error: {case_id}: {message}", err=True)
+    for case_id, message in report.warnings:
+        typer.echo(f"warning: {case_id}: {message}", err=True)
     if as_json:
         emit_json(report.to_dict())
     elif not quiet:
