@@ -191,7 +191,7 @@ def _segmentation(datasets: list, frames: np.ndarray, descriptions: list, model_
         manufacturer_model_name=model_name[:64] or "liverseg", software_versions=__version__,
         device_serial_number="none", content_label="LIVERSEG",
         content_description="Liver and liver tumour (automatic, liverseg)",
-        content_creator_name="liverseg", omit_empty_frames=True)
+        omit_empty_frames=True)
 
 
 def read_dicom_seg_labels(seg_path: str | Path, series_dir: str | Path,
