@@ -26,7 +26,7 @@ from torch import nn
 from liverseg.config import Config
 from liverseg.errors import LiversegError
 from liverseg.io import atomic_path, write_text_atomic
-from liverseg.networks import build_network
+from liverseg.networks import build_network, for_inference
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.pt"
@@ -158,7 +158,7 @@ def load_bundle(directory: str | Path | None = None, device: str | torch.device 
     except RuntimeError:
         raise LiversegError("weights do not match the network described in plan.json", weights) \
             from None
-    network.eval().to(device)
+    for_inference(network).eval().to(device)
     card: dict = {}
     card_path = path / CARD_FILE
     if card_path.is_file():

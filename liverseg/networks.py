@@ -74,3 +74,22 @@ def network_stride(cfg: ModelConfig) -> int:
 def network_margin(cfg: ModelConfig) -> int:
     """Voxels per side by which the network's output is smaller than its input (0: same size)."""
     return 13 if cfg.name == "tang2020" else 0  # liverseg.tang2020.MARGIN
+
+
+def for_inference(network: nn.Module) -> nn.Module:
+    """The same network with layers swapped for equivalents that run faster on CPU (in place).
+
+    Instance normalisation with affine parameters and no running statistics is group
+    normalisation with one channel per group: same statistics, same ``weight``/``bias`` (so the
+    same state_dict keys), outputs equal to float rounding (1e-5 on DynUNet's logits), but
+    torch's CPU group-norm kernel is several times faster than its instance-norm one, which
+    took about a third of a DynUNet forward pass.
+    """
+    for name, child in network.named_children():
+        if isinstance(child, nn.InstanceNorm3d) and child.affine and not child.track_running_stats:
+            group = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=True)
+            group.weight, group.bias = child.weight, child.bias
+            setattr(network, name, group)
+        else:
+            for_inference(child)
+    return network
