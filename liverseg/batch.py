@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 
@@ -202,20 +204,70 @@ def _write_probabilities(probabilities: np.ndarray, reference: Volume, path: Pat
         nib.save(image, str(tmp))
 
 
+CaseInput = tuple[Volume, bool | None, float]  # the CT, its contrast (None: unknown), read seconds
+
+
+def read_case(job: CaseJob) -> CaseInput:
+    """A case's CT, whether DICOM says it is contrast-enhanced, and the seconds that took."""
+    from liverseg.io import read_ct
+
+    start = time.perf_counter()
+    volume = read_ct(job.image)
+    contrast = qc.contrast_from_dicom(job.image) if job.image.is_dir() else None
+    return volume, contrast, round(time.perf_counter() - start, 4)
+
+
+class ReadAhead:
+    """Reads the next case's CT in a background thread: the first while the network loads, each
+    next one while the case before it is segmented. Inflating and converting a CT runs mostly
+    outside the GIL, so the read overlaps with importing MONAI or with the single-threaded
+    stages; at most one volume waits in memory. A read's error comes out of :meth:`take`."""
+
+    def __init__(self, jobs: list[CaseJob]) -> None:
+        self._order = {job: i for i, job in enumerate(jobs)}
+        self._jobs = jobs
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="liverseg-read")
+        self._pending: tuple[CaseJob, Future[CaseInput]] | None = None
+        if jobs:
+            self._pending = (jobs[0], self._pool.submit(read_case, jobs[0]))
+
+    def take(self, job: CaseJob) -> CaseInput:
+        """``job``'s input (read now if it was not read ahead); starts reading the case after it."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == job:
+            future = pending[1]
+        else:  # not the case read ahead (put off by a claim, or none): read it now
+            if pending is not None:
+                pending[1].cancel()
+            future = self._pool.submit(read_case, job)
+        try:
+            return future.result()
+        finally:
+            following = self._order.get(job, len(self._jobs)) + 1
+            if following < len(self._jobs):
+                self._pending = (self._jobs[following], self._pool.submit(read_case, self._jobs[following]))
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: float | None = None,
                tta: bool | None = None, sw_batch_size: int | None = None,
                save_probabilities: bool = False, preview: bool = False,
-               postprocess: bool = True, dicom_seg: bool = False) -> dict:
-    """Read, predict and write one case (mask, optional probabilities, preview and DICOM SEG,
-    sidecar)."""
+               postprocess: bool = True, dicom_seg: bool = False,
+               reader: ReadAhead | None = None) -> dict:
+    """Read (or take from ``reader``), predict and write one case (mask, optional probabilities,
+    preview and DICOM SEG, sidecar). ``seconds.read`` is the read's own time, also when it ran
+    ahead in the background; ``seconds.total`` runs from taking the input to the sidecar."""
     from liverseg import __version__
-    from liverseg.io import read_ct
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    with timed(timings, "read"):
-        volume = read_ct(job.image)
-        contrast = qc.contrast_from_dicom(job.image) if job.image.is_dir() else None
+    volume, contrast, timings["read"] = reader.take(job) if reader is not None else read_case(job)
     prediction = predict_volume(volume, bundle, device=device, overlap=overlap, tta=tta,
                                 sw_batch_size=sw_batch_size, keep_probabilities=save_probabilities,
                                 postprocess=None if postprocess else False, contrast=contrast)
@@ -288,14 +340,28 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
     """Segment every case; finished cases are skipped unless ``force``; a failing case is recorded
     and the batch goes on. Setup errors (no model, no inputs) raise LiversegError before any write.
     """
-    from liverseg.atomic import claimed, remove_stale_parts
     from liverseg.bundle import load_bundle
 
     device = resolve_device(device)
     jobs = plan_jobs(inputs, output, shard)
     if dicom_seg:
         check_dicom_seg_inputs(jobs)
-    bundle = load_bundle(model, device=device)
+    with ReadAhead([job for job in jobs if force or not _finished(job, dicom_seg)]) as reader:
+        bundle = load_bundle(model, device=device)  # while the first CT is read
+        return _run_jobs(jobs, bundle, reader, device=device, overlap=overlap, tta=tta,
+                         sw_batch_size=sw_batch_size, save_probabilities=save_probabilities,
+                         preview=preview, force=force, postprocess=postprocess, dicom_seg=dicom_seg,
+                         progress=progress, on_error=on_error, on_warning=on_warning)
+
+
+def _run_jobs(jobs: list[CaseJob], bundle: Bundle, reader: ReadAhead, *, device: str,
+              overlap: float | None, tta: bool | None, sw_batch_size: int | None,
+              save_probabilities: bool, preview: bool, force: bool, postprocess: bool, dicom_seg: bool,
+              progress: Callable[[Iterable[CaseJob], int], Iterable[CaseJob]] | None,
+              on_error: Callable[[CaseResult], None] | None,
+              on_warning: Callable[[CaseResult], None] | None) -> InferReport:
+    from liverseg.atomic import claimed, remove_stale_parts
+
     report = InferReport(model_id=bundle.model_id, model_version=bundle.model_version)
     remove_stale_parts(*sorted({job.mask.parent for job in jobs}))  # left by runs that were killed
     iterable: Iterable[CaseJob] = progress(jobs, len(jobs)) if progress is not None else jobs
@@ -308,7 +374,8 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
         try:
             sidecar = infer_case(job, bundle, device=device, overlap=overlap, tta=tta,
                                  sw_batch_size=sw_batch_size, save_probabilities=save_probabilities,
-                                 preview=preview, postprocess=postprocess, dicom_seg=dicom_seg)
+                                 preview=preview, postprocess=postprocess, dicom_seg=dicom_seg,
+                                 reader=reader)
         except LiversegError as exc:
             result = CaseResult(job.case, str(job.image), str(job.mask), "failed", str(exc))
         except (RuntimeError, ValueError, MemoryError, OSError) as exc:

@@ -278,6 +278,27 @@ def test_batch_resumes_shards_and_survives_a_bad_case(tiny_bundle: Path, small_c
     assert bad_shard.exit_code == 2 and "--shard" in bad_shard.stderr
 
 
+def test_read_ahead_gives_each_case_its_own_volume_and_error(small_ct: Path, tmp_path: Path) -> None:
+    """The batch reads the next CT in the background: each case still gets its own volume, a bad
+    file's error comes out when its case is taken, and a case taken out of order is read then."""
+    from liverseg.batch import CaseJob, ReadAhead
+    from liverseg.errors import LiversegError
+
+    paths = [_copy_ct(small_ct, tmp_path / f"{name}.nii.gz", crop=4 * i) for i, name in enumerate("abc")]
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b\x08 not a gzip stream")
+    jobs = [CaseJob(p.name, p, tmp_path / "out" / p.name) for p in [paths[0], broken, *paths[1:]]]
+    with ReadAhead(jobs) as reader:
+        first, _, seconds = reader.take(jobs[0])
+        assert first.shape == read_ct(paths[0]).shape and seconds > 0
+        with pytest.raises(LiversegError, match=r"broken\.nii\.gz"):
+            reader.take(jobs[1])
+        last, _, _ = reader.take(jobs[3])  # jobs[2] was read ahead; jobs[3] is read when asked
+        np.testing.assert_array_equal(last.array, read_ct(paths[2]).array)
+        again, _, _ = reader.take(jobs[2])
+        np.testing.assert_array_equal(again.array, read_ct(paths[1]).array)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: one line, non-zero exit, no output
 
