@@ -1,17 +1,12 @@
 """Dataset -> model-space cache: one compressed array file per case, a JSON sidecar and a fingerprint.
 
-Cache layout (the contract with ``liverseg train``)::
+The cache's layout, and reading it, are in ``cache.py`` (the contract with ``liverseg train``).
 
-    CACHE/preprocess.json          resolved PreprocessConfig, labels, dataset path and layout
-    CACHE/fingerprint.json         spacings, shapes, foreground HU statistics, label volumes
-    CACHE/cases/<case>.npz         image float32 (1, X, Y, Z) normalised; label uint8 (X, Y, Z)
-    CACHE/cases/<case>.json        sidecar: sources (size, mtime), spatial record, volumes, config hash
-    CACHE/samples/<case>.npy       seeded sample of foreground HU (for the fingerprint on reruns)
-
-Like nnU-Net, the fingerprint samples foreground (label > 0) HU from every case, so z-score
-normalisation can be planned from the data. A rerun skips cases whose sources and resolved config
-are unchanged (the sidecar is written last, so it marks a complete case); ``force`` redoes them.
-Every file is written atomically, and a case that fails leaves nothing behind.
+Like nnU-Net, the fingerprint (``fingerprint.py``) samples foreground (label > 0) HU from every
+case, so z-score normalisation can be planned from the data. A rerun skips cases whose sources
+and resolved config are unchanged (the sidecar is written last, so it marks a complete case);
+``force`` redoes them. Every file is written atomically, and a case that fails leaves nothing
+behind; temporary files of a killed run are removed by the next.
 """
 
 from __future__ import annotations
@@ -28,19 +23,30 @@ from typing import Any
 import numpy as np
 
 from liverseg.atomic import atomic_path, remove_stale_parts, write_text_atomic
+from liverseg.cache import (
+    CACHE_VERSION,
+    CASES_DIR,
+    CONFIG_FILE,
+    FINGERPRINT_FILE,
+    SAMPLES_DIR,
+    CachedCase,
+    case_paths,
+    is_cache,
+    list_cached_cases,
+    load_cached_case,
+    read_cache_config,
+)
 from liverseg.config import PreprocessConfig
 from liverseg.datasets import Case, Dataset, find_dataset
 from liverseg.errors import LiversegError
+from liverseg.fingerprint import (
+    SAMPLES_PER_CASE,
+    fingerprint_entry,
+    num_classes_of,
+    resolve_config,
+    summarise_fingerprint,
+)
 from liverseg.io import Volume, read_ct, read_label, same_grid
-
-CACHE_VERSION = 1
-CONFIG_FILE = "preprocess.json"
-FINGERPRINT_FILE = "fingerprint.json"
-CASES_DIR = "cases"
-SAMPLES_DIR = "samples"
-SAMPLES_PER_CASE = 10_000
-SAMPLE_SEED = 1234
-PERCENTILES = (0.5, 99.5)
 
 
 @dataclass
@@ -70,14 +76,6 @@ class PreprocessReport:
         }
 
 
-@dataclass
-class CachedCase:
-    case_id: str
-    image: np.ndarray  # float32 (1, X, Y, Z)
-    label: np.ndarray | None  # uint8 (X, Y, Z)
-    sidecar: dict
-
-
 # ---------------------------------------------------------------------------------------------
 # One case
 # ---------------------------------------------------------------------------------------------
@@ -95,10 +93,6 @@ def source_stamp(path: str | Path) -> dict:
         st = p.stat()
         size, mtime = st.st_size, st.st_mtime_ns
     return {"path": str(p.resolve()), "size": int(size), "mtime_ns": int(mtime)}
-
-
-def num_classes_of(labels: dict[int, str]) -> int:
-    return max(labels) + 1 if labels else 1
 
 
 def _read_case(case: Case, labels: dict[int, str]) -> tuple[Volume, Volume | None]:
@@ -130,33 +124,6 @@ def _fmt(values: Iterable[float]) -> str:
     return "x".join(f"{v:.3g}" for v in values)
 
 
-def _fingerprint_entry(image: Volume, label: Volume | None,
-                       labels: dict[int, str]) -> tuple[dict, np.ndarray]:
-    """Per-case fingerprint (geometry, label volumes in mL on the native grid) and a HU sample."""
-    entry: dict[str, Any] = {
-        "shape": list(image.shape),
-        "spacing": [round(s, 6) for s in image.spacing],
-        "axcodes": image.axcodes,
-        "hu_min": float(image.array.min()),
-        "hu_max": float(image.array.max()),
-    }
-    sample = np.zeros(0, dtype=np.float32)
-    if label is not None:
-        counts = np.bincount(label.array.ravel(), minlength=num_classes_of(labels))
-        voxel_ml = image.voxel_volume_ml
-        entry["label_voxels"] = {str(k): int(counts[k]) for k in sorted(labels)}
-        entry["label_volumes_ml"] = {labels[k]: round(float(counts[k] * voxel_ml), 4)
-                                     for k in sorted(labels) if k != 0}
-        entry["foreground_ml"] = round(float(counts[1:].sum() * voxel_ml), 4)
-        foreground = image.array[label.array > 0]
-        rng = np.random.default_rng(SAMPLE_SEED)
-        if foreground.size > SAMPLES_PER_CASE:
-            foreground = rng.choice(foreground, SAMPLES_PER_CASE, replace=False)
-        sample = np.asarray(foreground, dtype=np.float32)
-        entry["foreground_voxels"] = int(counts[1:].sum())
-    return entry, sample
-
-
 def preprocess_case(case: Case, cfg: PreprocessConfig,
                     labels: dict[int, str]) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Read, validate and move one case to model space, in memory.
@@ -174,7 +141,7 @@ def _preprocess_case(case: Case, cfg: PreprocessConfig, labels: dict[int, str]
 
     _check_intensity(cfg)
     volume, label = _read_case(case, labels)
-    entry, sample = _fingerprint_entry(volume, label, labels)
+    entry, sample = fingerprint_entry(volume, label, labels)
     tensor, record = to_model_space(volume, cfg)
     image = tensor.numpy().astype(np.float32, copy=False)
     warnings = list(volume.warnings)
@@ -238,7 +205,7 @@ def _case_error(case: Case, memory_hint: str, exc: Exception) -> dict:
 def _fingerprint_job(case: Case, labels: dict[int, str], cache_dir: str) -> dict:
     try:
         image, label = _read_case(case, labels)
-        entry, sample = _fingerprint_entry(image, label, labels)
+        entry, sample = fingerprint_entry(image, label, labels)
     except Exception as exc:
         return _case_error(case, "free memory or run with fewer --workers", exc)
     _save_sample(Path(cache_dir), case.case_id, sample)
@@ -271,11 +238,6 @@ def _case_job(case: Case, cfg_json: dict, labels: dict[int, str], cache_dir: str
 def _save_sample(cache: Path, case_id: str, sample: np.ndarray) -> None:
     with atomic_path(cache / SAMPLES_DIR / f"{case_id}.npy") as tmp, tmp.open("wb") as handle:
         np.save(handle, sample)
-
-
-def case_paths(cache_dir: str | Path, case_id: str) -> tuple[Path, Path]:
-    cases = Path(cache_dir) / CASES_DIR
-    return cases / f"{case_id}.npz", cases / f"{case_id}.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,46 +308,6 @@ def _run_jobs(func: Callable[..., dict], jobs: list[tuple], workers: int, desc: 
         if bar is not None:
             bar.close()
     return results
-
-
-def summarise_fingerprint(entries: dict[str, dict], samples: dict[str, np.ndarray],
-                          labels: dict[int, str]) -> dict:
-    """nnU-Net-style dataset fingerprint from per-case entries and foreground HU samples."""
-    pooled = [s for s in samples.values() if s.size]
-    summary: dict[str, Any] = {"num_cases": len(entries)}
-    if pooled:
-        hu = np.concatenate(pooled).astype(np.float64)
-        lo, hi = np.percentile(hu, PERCENTILES)
-        summary["foreground_hu"] = {
-            "percentile_00_5": float(lo), "percentile_99_5": float(hi),
-            "mean": float(hu.mean()), "std": float(hu.std()), "median": float(np.median(hu)),
-            "min": float(hu.min()), "max": float(hu.max()), "num_samples": int(hu.size),
-        }
-    if entries:
-        spacings = np.array([e["spacing"] for e in entries.values()])
-        shapes = np.array([e["shape"] for e in entries.values()])
-        summary["median_spacing"] = np.median(spacings, axis=0).round(6).tolist()
-        summary["median_shape"] = np.median(shapes, axis=0).tolist()
-    volumes = {name: [e["label_volumes_ml"][name] for e in entries.values() if "label_volumes_ml" in e]
-               for k, name in sorted(labels.items()) if k != 0}
-    summary["label_volumes_ml_mean"] = {n: float(np.mean(v)) for n, v in volumes.items() if v}
-    return {"cases": dict(sorted(entries.items())), "summary": summary,
-            "labels": {str(k): v for k, v in sorted(labels.items())}}
-
-
-def resolve_config(cfg: PreprocessConfig, fingerprint: dict) -> PreprocessConfig:
-    """Fill z-score clipping bounds, mean and std from the fingerprint when they are not set."""
-    intensity = cfg.intensity
-    if intensity.mode != "zscore" or (intensity.mean is not None and intensity.std is not None):
-        return cfg
-    stats = fingerprint.get("summary", {}).get("foreground_hu")
-    if not stats:
-        raise LiversegError("intensity.mode zscore needs foreground statistics, but no case has a "
-                            "label; add labels or set intensity.mean and intensity.std with --set")
-    resolved = intensity.model_copy(update={
-        "lower": stats["percentile_00_5"], "upper": stats["percentile_99_5"],
-        "mean": stats["mean"], "std": max(stats["std"], 1e-6)})
-    return cfg.model_copy(update={"intensity": resolved})
 
 
 def preprocess_dataset(dataset: str | Path, cache_dir: str | Path, cfg: PreprocessConfig, *,
@@ -507,65 +429,20 @@ def _remove_empty_tree(path: Path) -> None:
         path.rmdir()
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading a cache
-# ---------------------------------------------------------------------------------------------
-
-
-def is_cache(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / CONFIG_FILE).is_file() and (p / CASES_DIR).is_dir()
-
-
-def read_cache_config(cache_dir: str | Path) -> tuple[PreprocessConfig, dict[int, str]]:
-    """The resolved preprocessing config and label names the cache was made with."""
-    path = Path(cache_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise LiversegError("not a liverseg cache (no preprocess.json); run 'liverseg preprocess "
-                            "DATASET -o CACHE' first", cache_dir)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        cfg = PreprocessConfig.model_validate(meta["preprocess"])
-        labels = {int(k): str(v) for k, v in meta["labels"].items()}
-    except (json.JSONDecodeError, KeyError, ValueError) as exc:
-        raise LiversegError(f"cache config is unreadable ({type(exc).__name__}); rerun "
-                            "'liverseg preprocess' with --force", path) from None
-    return cfg, labels
-
-
-def list_cached_cases(cache_dir: str | Path) -> list[str]:
-    """Case ids with a complete entry (array file and sidecar), sorted."""
-    folder = Path(cache_dir) / CASES_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob("*.json")
-                  if not p.name.startswith(".") and (folder / f"{p.stem}.npz").is_file())
-
-
-def load_cached_case(cache_dir: str | Path, case_id: str) -> CachedCase:
-    npz_path, json_path = case_paths(cache_dir, case_id)
-    if not (npz_path.is_file() and json_path.is_file()):
-        raise LiversegError(f"case '{case_id}' is not in the cache; rerun 'liverseg preprocess'",
-                            cache_dir)
-    try:
-        sidecar = json.loads(json_path.read_text(encoding="utf-8"))
-        with np.load(npz_path) as data:
-            image = np.asarray(data["image"], dtype=np.float32)
-            label = np.asarray(data["label"], dtype=np.uint8) if "label" in data.files else None
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise LiversegError(f"cached case is unreadable ({type(exc).__name__}); rerun "
-                            "'liverseg preprocess' with --force", npz_path) from None
-    return CachedCase(case_id=case_id, image=image, label=label, sidecar=sidecar)
-
-
 __all__ = [
+    "CACHE_VERSION",
+    "SAMPLES_DIR",
+    "SAMPLES_PER_CASE",
     "CachedCase",
     "PreprocessReport",
+    "case_paths",
     "is_cache",
     "list_cached_cases",
     "load_cached_case",
+    "num_classes_of",
     "preprocess_case",
     "preprocess_dataset",
     "read_cache_config",
     "resolve_config",
+    "summarise_fingerprint",
 ]

@@ -1,0 +1,88 @@
+"""The preprocess cache on disk: its layout and how it is read (the contract with ``liverseg train``).
+
+Layout::
+
+    CACHE/preprocess.json          resolved PreprocessConfig, labels, dataset path and layout
+    CACHE/fingerprint.json         spacings, shapes, foreground HU statistics, label volumes
+    CACHE/cases/<case>.npz         image float32 (1, X, Y, Z) normalised; label uint8 (X, Y, Z)
+    CACHE/cases/<case>.json        sidecar: sources (size, mtime), spatial record, volumes, config hash
+    CACHE/samples/<case>.npy       seeded sample of foreground HU (for the fingerprint on reruns)
+
+``preprocess.py`` writes it; a case is complete when its sidecar is there (written last).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from liverseg.config import PreprocessConfig
+from liverseg.errors import LiversegError
+
+CACHE_VERSION = 1
+CONFIG_FILE = "preprocess.json"
+FINGERPRINT_FILE = "fingerprint.json"
+CASES_DIR = "cases"
+SAMPLES_DIR = "samples"
+
+
+@dataclass
+class CachedCase:
+    case_id: str
+    image: np.ndarray  # float32 (1, X, Y, Z)
+    label: np.ndarray | None  # uint8 (X, Y, Z)
+    sidecar: dict
+
+
+def case_paths(cache_dir: str | Path, case_id: str) -> tuple[Path, Path]:
+    cases = Path(cache_dir) / CASES_DIR
+    return cases / f"{case_id}.npz", cases / f"{case_id}.json"
+
+
+def is_cache(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and (p / CASES_DIR).is_dir()
+
+
+def read_cache_config(cache_dir: str | Path) -> tuple[PreprocessConfig, dict[int, str]]:
+    """The resolved preprocessing config and label names the cache was made with."""
+    path = Path(cache_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise LiversegError("not a liverseg cache (no preprocess.json); run 'liverseg preprocess "
+                            "DATASET -o CACHE' first", cache_dir)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        cfg = PreprocessConfig.model_validate(meta["preprocess"])
+        labels = {int(k): str(v) for k, v in meta["labels"].items()}
+    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+        raise LiversegError(f"cache config is unreadable ({type(exc).__name__}); rerun "
+                            "'liverseg preprocess' with --force", path) from None
+    return cfg, labels
+
+
+def list_cached_cases(cache_dir: str | Path) -> list[str]:
+    """Case ids with a complete entry (array file and sidecar), sorted."""
+    folder = Path(cache_dir) / CASES_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.json")
+                  if not p.name.startswith(".") and (folder / f"{p.stem}.npz").is_file())
+
+
+def load_cached_case(cache_dir: str | Path, case_id: str) -> CachedCase:
+    npz_path, json_path = case_paths(cache_dir, case_id)
+    if not (npz_path.is_file() and json_path.is_file()):
+        raise LiversegError(f"case '{case_id}' is not in the cache; rerun 'liverseg preprocess'",
+                            cache_dir)
+    try:
+        sidecar = json.loads(json_path.read_text(encoding="utf-8"))
+        with np.load(npz_path) as data:
+            image = np.asarray(data["image"], dtype=np.float32)
+            label = np.asarray(data["label"], dtype=np.uint8) if "label" in data.files else None
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise LiversegError(f"cached case is unreadable ({type(exc).__name__}); rerun "
+                            "'liverseg preprocess' with --force", npz_path) from None
+    return CachedCase(case_id=case_id, image=image, label=label, sidecar=sidecar)
