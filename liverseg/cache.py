@@ -4,7 +4,8 @@ Layout::
 
     CACHE/preprocess.json          resolved PreprocessConfig, labels, dataset path and layout
     CACHE/fingerprint.json         spacings, shapes, foreground HU statistics, label volumes
-    CACHE/cases/<case>.npz         image float32 (1, X, Y, Z) normalised; label uint8 (X, Y, Z)
+    CACHE/cases/<case>.npz         image float32 (1, X, Y, Z) normalised; label uint8 (X, Y, Z);
+                                   optionally teacher float (X, Y, Z) in [0, 1] (added by distillation)
     CACHE/cases/<case>.json        sidecar: sources (size, mtime), spatial record, volumes, config hash
     CACHE/samples/<case>.npy       seeded sample of foreground HU (for the fingerprint on reruns)
 
@@ -35,6 +36,9 @@ class CachedCase:
     image: np.ndarray  # float32 (1, X, Y, Z)
     label: np.ndarray | None  # uint8 (X, Y, Z)
     sidecar: dict
+    # Optional per-voxel soft target in [0, 1] (X, Y, Z) float32, saved into the npz by whoever
+    # distils a teacher model; training carries it through the patch stream as batch["teacher"].
+    teacher: np.ndarray | None = None
 
 
 def case_paths(cache_dir: str | Path, case_id: str) -> tuple[Path, Path]:
@@ -82,7 +86,8 @@ def load_cached_case(cache_dir: str | Path, case_id: str) -> CachedCase:
         with np.load(npz_path) as data:
             image = np.asarray(data["image"], dtype=np.float32)
             label = np.asarray(data["label"], dtype=np.uint8) if "label" in data.files else None
+            teacher = np.asarray(data["teacher"], dtype=np.float32) if "teacher" in data.files else None
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise LiversegError(f"cached case is unreadable ({type(exc).__name__}); rerun "
                             "'liverseg preprocess' with --force", npz_path) from None
-    return CachedCase(case_id=case_id, image=image, label=label, sidecar=sidecar)
+    return CachedCase(case_id=case_id, image=image, label=label, sidecar=sidecar, teacher=teacher)

@@ -120,14 +120,45 @@ class TrainConfig(_Strict):
     # Probability that a patch gets a decoy: a dark, thin-walled pouch (a stomach-like mass) painted
     # just outside the liver and labelled background, the counterweight to bulging tumours.
     synthetic_decoys: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Robustness augmentation (liverseg/robustness.py): scans from elsewhere simulated on each batch
+    # on its device. Each is the probability that a patch gets it; 0 turns it off.
+    # A contrast phase: arterial, equilibrium or unenhanced (the liver's HU moved using the label).
+    contrast_phase: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Global HU scale (0.9..1.1) and shift (-15..15 HU), and a gamma (0.8..1.25) over the window.
+    hu_jitter: float = Field(default=0.0, ge=0.0, le=1.0)
+    # A source with slices slice_thickness_mm thick (drawn per patch) resampled to our grid.
+    slice_thickness: float = Field(default=0.0, ge=0.0, le=1.0)
+    slice_thickness_mm: tuple[float, float] = (3.0, 5.0)
+    # Low-dose noise: Gaussian, noise_hu HU std (drawn per patch), white to slightly correlated.
+    low_dose_noise: float = Field(default=0.0, ge=0.0, le=1.0)
+    noise_hu: tuple[float, float] = (5.0, 25.0)
+    # Field of view: the scan cut at random levels above and/or below; beyond the cut the image is
+    # what the sliding window pads with and the labels are background.
+    fov_cut: float = Field(default=0.0, ge=0.0, le=1.0)
     num_workers: int = Field(default=0, ge=0)
     cache_rate: float = Field(default=1.0, ge=0.0, le=1.0)
-    amp: bool = True  # used on CUDA only
+    # Mixed precision on CUDA: bf16 autocast where the GPU supports it (no gradient scaler needed),
+    # else fp16 with a gradient scaler.
+    amp: bool = True
+    # bf16 autocast on the CPU (fast where the CPU has AVX512-BF16 or AMX; see pipelines/bench_train.py).
+    amp_cpu: bool = False
+    # Channels-last (NDHWC) memory layout for the network and its input.
+    channels_last: bool = False
+    # torch.compile the network for training (the first steps pay for compiling).
+    compile: bool = False
     deterministic: bool = False
     checkpoint_every: int = Field(default=100, ge=1)
     # Wall-clock budget: stop early (and still write the bundle) once this many seconds have
     # passed; None trains for all iterations. Timed runs are not reproducible step for step.
     max_seconds: float | None = Field(default=None, gt=0)
+
+    @field_validator("slice_thickness_mm", "noise_hu")
+    @classmethod
+    def _range(cls, value: tuple[float, float], info: Any) -> tuple[float, float]:
+        if not 0 <= value[0] <= value[1]:
+            raise ValueError(f"train.{info.field_name} must be [low, high] with 0 <= low <= high, "
+                             f"got {list(value)}")
+        return value
 
 
 class InferConfig(_Strict):

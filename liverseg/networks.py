@@ -8,9 +8,10 @@ Apache-2.0), rebuilt here in PyTorch so its published weights run in liverseg's 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from liverseg.config import ModelConfig
+from liverseg.config import ModelConfig, TrainConfig
 from liverseg.errors import LiversegError
 
 
@@ -93,3 +94,13 @@ def for_inference(network: nn.Module) -> nn.Module:
         else:
             for_inference(child)
     return network
+
+
+def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for ``device`` (None: float32): bf16 on GPUs that support it (no
+    gradient scaler needed), else fp16 (with one); bf16 on the CPU when ``train.amp_cpu``."""
+    if device.type == "cuda":
+        if not train.amp:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if train.amp_cpu else None

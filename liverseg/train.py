@@ -3,7 +3,8 @@
 The loop is deliberately small and configured by data (``Config.train``/``Config.model``): MONAI
 builds the network, the loss, the patch sampling and augmentation, and the sliding-window
 validation; this module only wires them together and checkpoints. The patch stream lives in
-``train_data``, the log and plots in ``train_log``, validation in ``validation``.
+``train_data``, the batch-level robustness augmentation in ``robustness``, the log and plots in
+``train_log``, validation in ``validation``; the loss is computed in ``compute_loss``.
 
 Reproducibility: each patch is a pure function of ``(train.seed, patch number)`` (see
 ``train_data``), and the checkpoint stores the model, optimiser, scheduler, AMP scaler and the
@@ -41,7 +42,8 @@ from liverseg.distributed import barrier, dist_env, mean_across_ranks, pick_devi
 from liverseg.errors import LiversegError
 from liverseg.io import atomic_path
 from liverseg.losses import build_loss, split_outputs
-from liverseg.networks import build_network, network_stride
+from liverseg.networks import autocast_dtype, build_network, network_stride
+from liverseg.robustness import Robustness
 from liverseg.train_data import (
     CaseLoader as _CaseLoader,
 )
@@ -110,7 +112,7 @@ class _Optimisation:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loss_fn: nn.Module
-    amp: bool
+    amp_dtype: torch.dtype | None  # autocast dtype; None: float32
 
 
 @dataclass
@@ -126,7 +128,7 @@ class _Progress:
 
 def _plan(config: Config, cache: Path) -> Config:
     """What the bundle records: the cache's resolved preprocessing, its labels, roi = patch size."""
-    from liverseg.preprocess import read_cache_config
+    from liverseg.cache import read_cache_config
 
     pre, labels = read_cache_config(cache)
     names = {**config.labels, **labels}
@@ -181,6 +183,8 @@ def _seed(config: Config, dev: torch.device) -> None:
 def _optimisation(config: Config, dev: torch.device) -> _Optimisation:
     t = config.train
     network = build_network(config.model).to(dev)
+    if t.channels_last:  # before the optimiser, so its state takes the same layout
+        network.to(memory_format=torch.channels_last_3d)
     if t.optimizer == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(network.parameters(), lr=t.lr,
                                                              weight_decay=t.weight_decay)
@@ -189,9 +193,24 @@ def _optimisation(config: Config, dev: torch.device) -> _Optimisation:
                                     weight_decay=t.weight_decay)
     power = t.poly_power if t.lr_schedule == "poly" else 0.0
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=t.iterations, power=power)
-    amp = dev.type == "cuda" and t.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    return _Optimisation(network, optimizer, scheduler, scaler, build_loss(config.model, t).to(dev), amp)
+    amp_dtype = autocast_dtype(t, dev)
+    # fp16 needs its gradients scaled against underflow; bf16 has float32's range and does not.
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    return _Optimisation(network, optimizer, scheduler, scaler, build_loss(config.model, t).to(dev),
+                         amp_dtype)
+
+
+def _forward_model(opt: _Optimisation, run: _Run) -> nn.Module:
+    """The module the loop calls: the network, under DDP with several processes, compiled on request.
+    Checkpoints and validation use ``opt.network`` itself (its state dict has no wrapper prefixes)."""
+    t, dev = run.config.train, run.dev
+    model: nn.Module = opt.network
+    if run.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if t.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +319,7 @@ def train(data: str | Path, run_dir: str | Path, config: Config, *, fold: int | 
         _check_run_dir(run_dir, resume, rank)
         cache = ensure_cache(data, run_dir, config, rank, quiet)
         plan = _plan(config, cache)
-        from liverseg.preprocess import list_cached_cases
+        from liverseg.cache import list_cached_cases
 
         train_ids, val_ids = resolve_splits(list_cached_cases(cache), fold=fold, seed=config.train.seed,
                                             run_dir=run_dir, cache=cache, splits=splits, write=rank == 0)
@@ -313,13 +332,30 @@ def train(data: str | Path, run_dir: str | Path, config: Config, *, fold: int | 
             torch.distributed.destroy_process_group()
 
 
-def _train_step(batch: dict, model: nn.Module, opt: _Optimisation, run: _Run) -> torch.Tensor:
-    """One optimiser step on one batch; returns the (detached) loss."""
+def compute_loss(loss_fn: nn.Module, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """THE place where the training loss is computed, in float32 outside autocast.
+
+    ``outputs``: the network's logits (a deep-supervision stack in training mode); ``batch``: the
+    targets on the device after the robustness augmentation -- ``label`` (B, 1, X, Y, Z) class
+    indices and, when the cache carries one, ``teacher`` (B, 1, X, Y, Z) soft targets in [0, 1]
+    (zero beyond a field-of-view cut). Distillation combines the teacher's term here.
+    """
+    return loss_fn(split_outputs(outputs.float()), batch["label"])
+
+
+def _train_step(batch: dict, step: int, model: nn.Module, opt: _Optimisation, run: _Run,
+                robust: Robustness | None) -> torch.Tensor:
+    """One optimiser step on the batch of step ``step`` (0-based); returns the (detached) loss."""
     dev = run.dev
-    image = batch["image"].to(dev, non_blocking=True)
-    label = batch["label"].to(dev, non_blocking=True)
-    with torch.autocast(dev.type, enabled=opt.amp):
-        loss = opt.loss_fn(split_outputs(model(image)), label)
+    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+    if robust is not None:
+        batch = robust(batch, step)
+    image = batch["image"]
+    if run.config.train.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast(dev.type, dtype=opt.amp_dtype, enabled=opt.amp_dtype is not None):
+        outputs = model(image)
+    loss = compute_loss(opt.loss_fn, outputs, batch)
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
     if run.config.train.grad_clip > 0:
@@ -354,10 +390,9 @@ def _train(run: _Run, *, resume: bool, quiet: bool,
     opt = _optimisation(run.config, dev)
     resumable = resume and (ckpt_dir / LAST_CHECKPOINT).is_file()
     progress = _restore(ckpt_dir / LAST_CHECKPOINT, run.config, opt) if resumable else _Progress()
-    model = opt.network
-    if run.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    model = _forward_model(opt, run)
+    robust = (Robustness(t, run.plan.preprocess.intensity, run.plan.preprocess.target_spacing[2],
+                         rank=run.rank) if Robustness.wanted(t) else None)
     log = TrainLog(run.run_dir, resume=resume, step=progress.step) if run.rank == 0 else None
     loader = patch_loader(cases, augment, t, start=progress.step, rank=run.rank, world=run.world,
                           pin_memory=dev.type == "cuda")
@@ -367,7 +402,7 @@ def _train(run: _Run, *, resume: bool, quiet: bool,
     try:
         for batch in loader:
             lr = opt.optimizer.param_groups[0]["lr"]
-            loss = _train_step(batch, model, opt, run)
+            loss = _train_step(batch, progress.step, model, opt, run, robust)
             progress.step += 1
             loss_value = mean_across_ranks(float(loss), dev)
             elapsed = time.perf_counter() - run.started[0]

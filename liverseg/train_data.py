@@ -111,14 +111,39 @@ def resolve_splits(cases: list[str], *, fold: int | None, seed: int, run_dir: Pa
 
 
 def load_case(cache: Path, case_id: str) -> dict[str, Any]:
-    """A labelled cached case as tensors: image (1, X, Y, Z) and label (1, X, Y, Z) float32."""
-    from liverseg.preprocess import load_cached_case
+    """A labelled cached case as tensors: image (1, X, Y, Z) and label (1, X, Y, Z) float32, and
+    teacher (1, X, Y, Z) float32 when the cache holds one for the case."""
+    from liverseg.cache import case_paths, load_cached_case
 
     case = load_cached_case(cache, case_id)
     if case.label is None:
         raise LiversegError(f"case '{case_id}' has no label; training needs labelled cases", cache)
-    return {"case": case_id, "image": torch.from_numpy(case.image),
-            "label": torch.from_numpy(case.label[None].astype(np.float32))}
+    out = {"case": case_id, "image": torch.from_numpy(case.image),
+           "label": torch.from_numpy(case.label[None].astype(np.float32))}
+    if case.teacher is not None:
+        teacher = case.teacher
+        if teacher.shape != case.label.shape or not (np.isfinite(teacher).all() and teacher.min() >= 0
+                                                     and teacher.max() <= 1):
+            raise LiversegError(f"the teacher array must be shaped like the label {list(case.label.shape)} "
+                                f"with values in [0, 1], got shape {list(teacher.shape)}; rewrite it",
+                                case_paths(cache, case_id)[0])
+        out["teacher"] = torch.from_numpy(teacher[None])
+    return out
+
+
+def cases_with_teacher(cache: Path, case_ids: list[str]) -> bool:
+    """Whether the cases carry a teacher array: all of them or none (a batch cannot mix)."""
+    from liverseg.cache import case_paths
+
+    having = []
+    for case_id in case_ids:
+        with np.load(case_paths(cache, case_id)[0]) as data:  # reads the archive's index only
+            having.append("teacher" in data.files)
+    if any(having) and not all(having):
+        missing = [c for c, h in zip(case_ids, having, strict=True) if not h]
+        raise LiversegError(f"some training cases have a teacher array and some do not (none: "
+                            f"{', '.join(missing[:5])}); give every training case one, or none", cache)
+    return any(having)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,16 +166,17 @@ def build_transforms(config: Config) -> tuple[Callable, Callable]:
     )
 
     t = config.train
-    keys = ["image", "label"]
+    # A teacher array (absent in most caches) travels with the label through every spatial step.
+    keys = ["image", "label", "teacher"]
     fixed = Compose([
-        SpatialPadd(keys, spatial_size=t.patch_size),
+        SpatialPadd(keys, spatial_size=t.patch_size, allow_missing_keys=True),
         # Foreground/background voxel lists once per case, not once per patch.
         FgBgToIndicesd("label", fg_postfix="_fg", bg_postfix="_bg"),
     ])
     pos = t.pos_fraction
     random_part: list[Callable] = [RandCropByPosNegLabeld(
         keys, label_key="label", spatial_size=t.patch_size, pos=pos, neg=1.0 - pos, num_samples=1,
-        fg_indices_key="label_fg", bg_indices_key="label_bg")]
+        fg_indices_key="label_fg", bg_indices_key="label_bg", allow_missing_keys=True)]
     if t.synthetic_tumours > 0:
         from liverseg.synthetic import RandSyntheticTumourd
 
@@ -163,8 +189,9 @@ def build_transforms(config: Config) -> tuple[Callable, Callable]:
     if t.augment:
         random_part += [
             RandAffined(keys, prob=0.2, rotate_range=[math.radians(15)] * 3, scale_range=[0.15] * 3,
-                        mode=("bilinear", "nearest"), padding_mode="border"),
-            *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in t.flip_axes),
+                        mode=("bilinear", "nearest", "bilinear"), padding_mode="border",
+                        allow_missing_keys=True),
+            *(RandFlipd(keys, prob=0.5, spatial_axis=axis, allow_missing_keys=True) for axis in t.flip_axes),
             RandScaleIntensityd("image", factors=0.1, prob=0.2),
             RandShiftIntensityd("image", offsets=0.1, prob=0.2),
             RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.2),
@@ -184,7 +211,7 @@ class CaseLoader:
 
 
 class PatchStream(torch.utils.data.Dataset):
-    """Patch number ``g`` -> one augmented (image, label) patch, a pure function of (seed, g)."""
+    """Patch number ``g`` -> one augmented (image, label[, teacher]) patch, a pure function of (seed, g)."""
 
     def __init__(self, cases: torch.utils.data.Dataset, transform: Any, seed: int) -> None:
         self.cases = cases
@@ -198,10 +225,11 @@ class PatchStream(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.seed, g))
         case = self.cases[int(rng.integers(len(self.cases)))]  # type: ignore[arg-type]
         self.transform.set_random_state(seed=int(rng.integers(2**31)))
-        out = self.transform({k: case[k] for k in ("image", "label", "label_fg", "label_bg")})
+        out = self.transform({k: case[k] for k in ("image", "label", "label_fg", "label_bg", "teacher")
+                              if k in case})
         if isinstance(out, list):
             out = out[0]
-        return {"image": torch.as_tensor(out["image"]), "label": torch.as_tensor(out["label"])}
+        return {k: torch.as_tensor(out[k]) for k in ("image", "label", "teacher") if k in out}
 
 
 class PatchNumbers(torch.utils.data.Sampler):
@@ -225,6 +253,7 @@ def cached_cases(cache: Path, case_ids: list[str], fixed: Callable, cache_rate: 
     random part runs per patch in PatchStream). copy_cache=False: no transform works in place."""
     from monai.data import CacheDataset
 
+    cases_with_teacher(cache, case_ids)  # all or none, checked before anything is loaded
     return CacheDataset([{"case": c} for c in case_ids], transform=CaseLoader(cache, fixed),
                         cache_rate=cache_rate, num_workers=0, progress=False, copy_cache=False)
 

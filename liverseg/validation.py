@@ -35,16 +35,19 @@ def validate(network: nn.Module, cases: list[dict], config: Config, device: torc
     """Sliding-window prediction on whole cached cases; mean Dice per region and overall."""
     from monai.inferers import sliding_window_inference
 
+    from liverseg.networks import autocast_dtype
+
+    dtype = autocast_dtype(config.train, device)
     was_training = network.training
     network.eval()
     per_case = {}
     for case in cases:
-        with torch.autocast(device.type, enabled=device.type == "cuda" and config.train.amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = sliding_window_inference(
                 case["image"][None].to(device), roi_size=config.train.patch_size,
                 sw_batch_size=config.infer.sw_batch_size, predictor=network,
                 overlap=config.infer.overlap, mode=config.infer.mode)
-        pred = logits.argmax(1)[0].cpu()
+        pred = logits.float().argmax(1)[0].cpu()
         per_case[case["case"]] = dice_scores(pred, case["label"][0])
     network.train(was_training)
     liver = _nanmean([d["liver"] for d in per_case.values()])

@@ -1,20 +1,29 @@
-"""Benchmark the `liverseg train` loop against a plain MONAI loop (same network, same patches).
+"""Benchmark the `liverseg train` loop: its speed options side by side, and against a plain MONAI loop.
 
 Sides, each in its own subprocess (so peak memory, ru_maxrss from os.wait4, is that side's
-alone), run alternately in the same invocation:
+alone), run interleaved in the same invocation (the order rotates every repeat, so a busy spell on
+the shared machine does not land on one side only):
 
-* ``ours``  -- liverseg.train.train on a preprocess cache with the given config (no validation,
-               one checkpoint at the end, CSV log, progress.png, bundle written);
+* ``ours`` -- liverseg.train.train on a preprocess cache with the given config (no validation,
+  one checkpoint at the end, CSV log, progress.png, bundle written), float32;
+* ``bf16`` / ``channels_last`` / ``bf16_channels_last`` / ``compile`` / ``bf16_compile`` /
+  ``worker`` -- the same with ``train.amp_cpu`` (bf16 autocast), ``train.channels_last``,
+  ``train.compile`` or ``train.num_workers=1`` (patches made in a worker process);
 * ``monai`` -- the textbook MONAI loop: CacheDataset(cases, Compose(same deterministic + random
-               transforms)) -> DataLoader -> DynUNet -> DeepSupervisionLoss(DiceCELoss) -> AdamW
-               with the same poly schedule and gradient clipping; nothing else.
+  transforms)) -> DataLoader -> DynUNet -> DeepSupervisionLoss(DiceCELoss) -> AdamW with the same
+  poly schedule and gradient clipping; nothing else.
 
-Throughput is iterations per second over steps 2..N (step 1 includes one-off set-up: caching the
-case, oneDNN primitive creation); start-up time is reported apart. Data: the real ``tsexample``
-CT of ../shared/data/liver preprocessed at the config's spacing. Usage::
+Throughput is steps per second over steps 3..N (steps 1-2 include one-off set-up: caching the
+case, oneDNN primitive creation, compiling); start-up time is reported apart. Data: the real
+``tsexample`` CT of ../shared/data/liver preprocessed at the config's spacing.
+
+``--fit N`` also checks accuracy: each variant trains N steps on that case (augmentation off, as
+the test suite's overfitting check does) and is validated on it; the loss curve and Dice are
+compared with float32's. Usage::
 
     OMP_NUM_THREADS=2 python pipelines/bench_train.py [--config configs/cpu_small.yaml]
-        [--steps 30] [--repeats 2] [--out pipelines/results/bench_train.json]
+        [--steps 30] [--repeats 2] [--variants ours,bf16,...] [--fit 100]
+        [--out pipelines/results/bench_train.json]
 """
 
 from __future__ import annotations
@@ -30,21 +39,46 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CASE = REPO.parent / "shared" / "data" / "liver"
+VARIANTS = {
+    "ours": [],
+    "bf16": ["train.amp_cpu=true"],
+    "channels_last": ["train.channels_last=true"],
+    "bf16_channels_last": ["train.amp_cpu=true", "train.channels_last=true"],
+    "compile": ["train.compile=true"],
+    "bf16_compile": ["train.amp_cpu=true", "train.compile=true"],
+    "worker": ["train.num_workers=1"],
+}
+FIRST_TIMED = 2  # steps after this one are timed
 
 
-def _child_ours(cache: Path, config_path: Path, steps: int, work: Path) -> dict:
+def _child_ours(cache: Path, config_path: Path, steps: int, work: Path, overrides: list[str],
+                fit: bool) -> dict:
+    import csv
+
     from liverseg.config import load_config
     from liverseg.train import train
 
-    cfg = load_config(config_path, [f"train.iterations={steps}", f"train.val_every={steps + 1}",
-                                    f"train.checkpoint_every={steps}"])
+    fixed = [f"train.iterations={steps}", f"train.val_every={steps + 1}", f"train.checkpoint_every={steps}"]
+    if fit:  # fit the case and validate on it once, at the end (as tests/conftest.py's trained_bundle)
+        fixed = [f"train.iterations={steps}", f"train.val_every={steps}", f"train.checkpoint_every={steps}",
+                 "train.augment=false", "train.lr=0.01"]
+        run = work / "run"
+        run.mkdir()
+        (run / "splits.json").write_text(json.dumps([{"train": ["tsexample"], "val": ["tsexample"]}]))
+    cfg = load_config(config_path, [*fixed, *overrides])
     stamps: dict[int, float] = {}
-    train(cache, work / "run", cfg, device="cpu", quiet=True,
-          on_step=lambda step, row: stamps.__setitem__(step, time.perf_counter()))
-    return {"t1": stamps[1], "tN": stamps[steps]}
+    result = train(cache, work / "run", cfg, fold=0 if fit else None, device="cpu", quiet=True,
+                   on_step=lambda step, row: stamps.__setitem__(step, time.perf_counter()))
+    out = {"t1": stamps[FIRST_TIMED], "tN": stamps[steps]}
+    if fit:
+        with (work / "run" / "log.csv").open(newline="") as f:
+            out["losses"] = [float(r["loss"]) for r in csv.DictReader(f)]
+        out["val_dice"] = result.best_dice
+    return out
 
 
-def _child_monai(cache: Path, config_path: Path, steps: int, work: Path) -> dict:
+def _child_monai(cache: Path, config_path: Path, steps: int, work: Path, overrides: list[str],
+                 fit: bool) -> dict:
     import torch
     from monai.data import CacheDataset, DataLoader
     from monai.transforms import Compose
@@ -88,12 +122,12 @@ def _child_monai(cache: Path, config_path: Path, steps: int, work: Path) -> dict
             stamps[step] = time.perf_counter()
             if step == steps:
                 break
-    return {"t1": stamps[1], "tN": stamps[steps]}
+    return {"t1": stamps[FIRST_TIMED], "tN": stamps[steps]}
 
 
-def _run_child(side: str, cache: Path, config: Path, steps: int, work: Path) -> dict:
+def _run_child(side: str, cache: Path, config: Path, steps: int, work: Path, fit: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--cache", str(cache), "--config", str(config),
-           "--steps", str(steps), "--work", str(work)]
+           "--steps", str(steps), "--work", str(work), *(["--fit", "1"] if fit else [])]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -105,11 +139,29 @@ def _run_child(side: str, cache: Path, config: Path, steps: int, work: Path) -> 
     return row
 
 
+def _summary(rows: list[dict], sides: list[str]) -> dict[str, dict]:
+    """Per side: best steps/s (the run least disturbed by the other agents), its start-up, peak memory."""
+    out = {}
+    for s in sides:
+        mine = [r for r in rows if r["side"] == s]
+        best = max(mine, key=lambda r: r["it_per_s"])
+        out[s] = {"it_per_s": best["it_per_s"], "startup_s": best["startup_s"],
+                  "peak_mb": max(r["peak_mb"] for r in mine),
+                  "all_it_per_s": [round(r["it_per_s"], 4) for r in mine]}
+        if "val_dice" in best:
+            out[s]["val_dice"] = [r["val_dice"] for r in mine]
+            out[s]["final_loss_mean10"] = [sum(r["losses"][-10:]) / len(r["losses"][-10:]) for r in mine]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "cpu_small.yaml")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", default="ours,bf16,channels_last,bf16_channels_last,compile,"
+                        "bf16_compile,worker,monai")
+    parser.add_argument("--fit", type=int, default=0, help="steps of the accuracy check (0: none)")
     parser.add_argument("--out", type=Path, default=REPO / "pipelines" / "results" / "bench_train.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -118,49 +170,78 @@ def main() -> None:
 
     if args.child:
         started = time.perf_counter()
-        func = _child_ours if args.child == "ours" else _child_monai
-        stamps = func(args.cache, args.config, args.steps, args.work)
+        if args.child == "monai":
+            stamps = _child_monai(args.cache, args.config, args.steps, args.work, [], False)
+        else:
+            stamps = _child_ours(args.cache, args.config, args.steps, args.work, VARIANTS[args.child],
+                                 bool(args.fit))
         print(json.dumps({"startup_s": stamps["t1"] - started,
-                          "it_per_s": (args.steps - 1) / (stamps["tN"] - stamps["t1"])}))
+                          "it_per_s": (args.steps - FIRST_TIMED) / (stamps["tN"] - stamps["t1"]),
+                          **{k: v for k, v in stamps.items() if k not in ("t1", "tN")}}))
         return
 
     from liverseg.config import load_config
     from liverseg.preprocess import preprocess_dataset
 
+    sides = args.variants.split(",")
+    unknown = [s for s in sides if s not in VARIANTS and s != "monai"]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {[*VARIANTS, 'monai']}")
     cfg = load_config(args.config)
+    report: dict = {"config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO)
+                                  else args.config),
+                    "steps": args.steps, "repeats": args.repeats,
+                    "threads": os.environ.get("OMP_NUM_THREADS"), "cpu": _cpu_name(),
+                    "date": time.strftime("%Y-%m-%d"), "variants": {s: VARIANTS.get(s, []) for s in sides}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         csv_path = work / "cases.csv"
         image, label = CASE / "imagesTr" / "tsexample.nii.gz", CASE / "labelsTr" / "tsexample.nii.gz"
         csv_path.write_text(f"{image},{label}\n")
-        report = preprocess_dataset(csv_path, work / "cache", cfg.preprocess, quiet=True)
-        if report.failed:
-            raise SystemExit(f"preprocessing failed: {report.failed}")
-        rows = []
-        for rep in range(args.repeats):
-            for side in ("ours", "monai") if rep % 2 == 0 else ("monai", "ours"):
-                run = work / f"{side}{rep}"
-                run.mkdir()
-                rows.append(_run_child(side, work / "cache", args.config, args.steps, run))
-                print(f"  {side:5s} rep {rep}: {rows[-1]['it_per_s']:.3f} it/s, "
-                      f"peak {rows[-1]['peak_mb']:.0f} MB", file=sys.stderr)
+        pre = preprocess_dataset(csv_path, work / "cache", cfg.preprocess, quiet=True)
+        if pre.failed:
+            raise SystemExit(f"preprocessing failed: {pre.failed}")
+        for mode, steps, fit in (("throughput", args.steps, False), ("fit", args.fit, True)):
+            if steps <= 0:
+                continue
+            mode_sides = sides if not fit else [s for s in sides if s != "monai"]
+            rows = []
+            for rep in range(args.repeats if not fit else 1):
+                shift = rep % len(mode_sides)
+                for side in mode_sides[shift:] + mode_sides[:shift]:
+                    run = work / f"{mode}-{side}{rep}"
+                    run.mkdir()
+                    rows.append(_run_child(side, work / "cache", args.config, steps, run, fit))
+                    extra = f", val Dice {rows[-1]['val_dice']:.4f}" if fit else ""
+                    print(f"  {mode} {side:18s} rep {rep}: {rows[-1]['it_per_s']:.3f} it/s, "
+                          f"peak {rows[-1]['peak_mb']:.0f} MB{extra}", file=sys.stderr, flush=True)
+            report[mode] = {"runs": rows, "summary": _summary(rows, mode_sides), "steps": steps}
 
-    sides = ("ours", "monai")
-    best = {s: max((r for r in rows if r["side"] == s), key=lambda r: r["it_per_s"]) for s in sides}
-    peak = {s: max(r["peak_mb"] for r in rows if r["side"] == s) for s in ("ours", "monai")}
-    overhead = best["monai"]["it_per_s"] / best["ours"]["it_per_s"] - 1.0
+    summary = report["throughput"]["summary"] if "throughput" in report else {}
     print(f"\nconfig {args.config.name}, {args.steps} steps, patch {list(cfg.train.patch_size)}, "
           f"batch {cfg.train.batch_size}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print(f"{'side':8s}{'it/s (best)':>14s}{'start-up s':>12s}{'peak MB':>10s}")
-    for s in ("ours", "monai"):
-        print(f"{s:8s}{best[s]['it_per_s']:14.3f}{best[s]['startup_s']:12.1f}{peak[s]:10.0f}")
-    print(f"time overhead of ours vs monai: {overhead * 100:+.1f}%   "
-          f"peak memory ratio ours/monai: {peak['ours'] / peak['monai']:.2f}")
+    print(f"{'side':20s}{'steps/s (best)':>15s}{'x ours':>8s}{'start-up s':>12s}{'peak MB':>10s}")
+    for s, row in summary.items():
+        ratio = row["it_per_s"] / summary["ours"]["it_per_s"] if "ours" in summary else float("nan")
+        row["ratio_to_ours"] = ratio
+        print(f"{s:20s}{row['it_per_s']:15.3f}{ratio:8.2f}{row['startup_s']:12.1f}{row['peak_mb']:10.0f}")
+    if "fit" in report:
+        print(f"\nfit: {args.fit} steps, augmentation off, validated on the training case")
+        for s, row in report["fit"]["summary"].items():
+            print(f"{s:20s} val Dice {row['val_dice']}  mean loss of the last 10 steps "
+                  f"{[round(v, 4) for v in row['final_loss_mean10']]}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "config": str(args.config), "steps": args.steps, "repeats": args.repeats,
-        "threads": os.environ.get("OMP_NUM_THREADS"), "runs": rows,
-        "overhead_time": overhead, "peak_ratio": peak["ours"] / peak["monai"]}, indent=2) + "\n")
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 if __name__ == "__main__":
