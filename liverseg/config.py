@@ -164,7 +164,10 @@ class TrainConfig(_Strict):
 class InferConfig(_Strict):
     roi_size: IntTriple = (128, 128, 128)
     overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
-    sw_batch_size: int = Field(default=1, ge=1)
+    # Windows per forward pass. Batching them changes no result (normalisation is per window) and
+    # on CPU cuts the time of a scan with many windows by about a third; each extra 64^3 window
+    # costs DynUNet (16..256 filters) about 100 MB while it runs.
+    sw_batch_size: int = Field(default=4, ge=1)
     mode: Literal["gaussian", "constant"] = "gaussian"
     tta: bool = False
     # Nested classes (tumour lies inside liver): a voxel is foreground when the background
