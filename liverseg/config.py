@@ -89,6 +89,9 @@ class ModelConfig(_Strict):
     deep_supr_num: int = 2
     norm: Literal["instance", "batch"] = "instance"
     dropout: float = 0.0
+    # Start from these weights (a bundle folder or a shipped model's name, e.g. liver_tang2020) instead
+    # of a random initialisation; layers whose shapes differ (a new output head) are adapted or fresh.
+    pretrained: str | None = None
 
 
 class TrainConfig(_Strict):
@@ -151,6 +154,12 @@ class TrainConfig(_Strict):
     # Wall-clock budget: stop early (and still write the bundle) once this many seconds have
     # passed; None trains for all iterations. Timed runs are not reproducible step for step.
     max_seconds: float | None = Field(default=None, gt=0)
+    # With max_seconds: after a few timed steps, fit the schedule's length to the time left, so the
+    # learning rate anneals fully by the deadline (the fitted length is kept in the checkpoint).
+    fit_to_time: bool = False
+    # Distillation (liverseg/teacher.py): weight of the cross-entropy between the student's foreground
+    # probability and the teacher's soft targets saved in the cache; 0 (or a cache without them): off.
+    teacher_weight: float = Field(default=0.0, ge=0.0)
 
     @field_validator("slice_thickness_mm", "noise_hu")
     @classmethod

@@ -227,20 +227,24 @@ def label_to_model_space(label: np.ndarray, record: SpatialRecord, num_classes: 
     return argmax_channels(probs).numpy()
 
 
-def label_to_model_probabilities(label: np.ndarray, record: SpatialRecord,
-                                 num_classes: int) -> torch.Tensor:
+def map_to_model_space(values: np.ndarray, record: SpatialRecord) -> torch.Tensor:
+    """A native-grid float map (a one-hot channel, a probability) -> the model grid, as the image
+    went: resized in the native axis order (area average down, linear up), reoriented, cropped."""
     transform = np.asarray(record.to_canonical)
     target = native_order(tuple(record.resampled_shape), transform)
     (x0, x1), (y0, y1), (z0, z1) = record.crop_box
+    small = resize_native(np.asarray(values, dtype=np.float32), target)
+    canonical = np.ascontiguousarray(apply_orientation(small, transform))
+    return torch.from_numpy(canonical)[x0:x1, y0:y1, z0:z1]
+
+
+def label_to_model_probabilities(label: np.ndarray, record: SpatialRecord,
+                                 num_classes: int) -> torch.Tensor:
     label = np.asarray(label)
     # One foreground channel at a time, resized in the native axis order and reoriented when
     # small (see to_model_space): the peak is one native-size float channel, not all of them.
     # Background is 1 - the rest, exactly, since area averaging and linear interpolation are linear.
-    channels = []
-    for c in range(1, num_classes):
-        onehot = resize_native((label == c).astype(np.float32), target)
-        canonical = np.ascontiguousarray(apply_orientation(onehot, transform))
-        channels.append(torch.from_numpy(canonical)[x0:x1, y0:y1, z0:z1])
+    channels = [map_to_model_space((label == c).astype(np.float32), record) for c in range(1, num_classes)]
     if channels:
         background = (1.0 - torch.stack(channels).sum(0)).clamp_(0.0, 1.0)
     else:

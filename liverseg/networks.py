@@ -104,3 +104,39 @@ def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | No
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if train.amp_cpu else None
+
+
+def load_pretrained(network: nn.Module, cfg: ModelConfig) -> int:
+    """Copy ``cfg.pretrained``'s weights (a bundle folder or a shipped model's name) into ``network``;
+    returns how many tensors came from it.
+
+    Tensors of the same name and shape are copied. A tang2020 binary head (one channel z, read as
+    logits [0, z]) becoming a head of more classes starts as background 0, liver z and the other
+    foreground classes z - 4, so the fine-tuned network begins where the pretrained one was (with
+    the new classes unlikely). Anything else left unmatched keeps its fresh initialisation.
+    """
+    from liverseg.bundle import load_bundle
+
+    if cfg.pretrained is None:
+        return 0
+    source = load_bundle(cfg.pretrained)
+    if source.plan.model.name != cfg.name:
+        raise LiversegError(f"model.pretrained is a {source.plan.model.name} network but model.name is "
+                            f"{cfg.name}; start from weights of the same architecture", source.path)
+    theirs = source.network.state_dict()
+    ours = network.state_dict()
+    copied = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    head_weight, head_bias = theirs.get("conv15.weight"), theirs.get("conv15.bias")
+    if cfg.name == "tang2020" and head_weight is not None and head_weight.shape[0] == 1 \
+            and ours["conv15.weight"].shape[0] > 1:
+        weight = torch.zeros_like(ours["conv15.weight"])
+        bias = torch.zeros_like(ours["conv15.bias"])
+        weight[1:] = head_weight
+        bias[1] = head_bias[0]
+        bias[2:] = head_bias[0] - 4.0
+        copied.update({"conv15.weight": weight, "conv15.bias": bias})
+    if not copied:
+        raise LiversegError("no weight of model.pretrained fits this network; check model settings",
+                            source.path)
+    network.load_state_dict(copied, strict=False)
+    return len(copied)

@@ -42,7 +42,7 @@ from liverseg.distributed import barrier, dist_env, mean_across_ranks, pick_devi
 from liverseg.errors import LiversegError
 from liverseg.io import atomic_path
 from liverseg.losses import build_loss, split_outputs
-from liverseg.networks import autocast_dtype, build_network, network_stride
+from liverseg.networks import autocast_dtype, build_network, load_pretrained, network_margin, network_stride
 from liverseg.robustness import Robustness
 from liverseg.train_data import (
     CaseLoader as _CaseLoader,
@@ -120,6 +120,8 @@ class _Progress:
     step: int = 0
     best: float = float("-inf")  # best mean validation Dice so far
     best_step: int | None = None
+    total: int | None = None  # the schedule's length once fitted to the time (train.fit_to_time)
+    fit_clock: float | None = None  # when the timed steps began (not checkpointed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +184,9 @@ def _seed(config: Config, dev: torch.device) -> None:
 
 def _optimisation(config: Config, dev: torch.device) -> _Optimisation:
     t = config.train
-    network = build_network(config.model).to(dev)
+    network = build_network(config.model)
+    load_pretrained(network, config.model)  # a resumed run then loads its own weights over these
+    network.to(dev)
     if t.channels_last:  # before the optimiser, so its state takes the same layout
         network.to(memory_format=torch.channels_last_3d)
     if t.optimizer == "adamw":
@@ -241,7 +245,8 @@ def _save(obj: dict, path: Path) -> None:
 def _checkpoint(path: Path, run: _Run, opt: _Optimisation, progress: _Progress, full: bool) -> None:
     """Weights and progress; ``full`` adds what an exact --resume needs (optimiser ... RNG states)."""
     obj: dict[str, Any] = {"step": progress.step, "model": opt.network.state_dict(), "best": progress.best,
-                           "best_step": progress.best_step, "config": run.config.model_dump(mode="json")}
+                           "best_step": progress.best_step, "total": progress.total,
+                           "config": run.config.model_dump(mode="json")}
     if full:
         obj.update(optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
                    scaler=opt.scaler.state_dict(), rng=_rng_state(), world_size=run.world)
@@ -259,7 +264,7 @@ def _restore(path: Path, config: Config, opt: _Optimisation) -> _Progress:
     opt.scheduler.load_state_dict(state["scheduler"])
     opt.scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
-    return _Progress(state["step"], state["best"], state["best_step"])
+    return _Progress(state["step"], state["best"], state["best_step"], state.get("total"))
 
 
 def _write_bundle(run: _Run, state_dict: dict, progress: _Progress, val: dict | None) -> None:
@@ -332,15 +337,30 @@ def train(data: str | Path, run_dir: str | Path, config: Config, *, fold: int | 
             torch.distributed.destroy_process_group()
 
 
-def compute_loss(loss_fn: nn.Module, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def compute_loss(loss_fn: nn.Module, outputs: torch.Tensor, batch: dict[str, torch.Tensor], *,
+                 margin: int = 0, teacher_weight: float = 0.0) -> torch.Tensor:
     """THE place where the training loss is computed, in float32 outside autocast.
 
     ``outputs``: the network's logits (a deep-supervision stack in training mode); ``batch``: the
     targets on the device after the robustness augmentation -- ``label`` (B, 1, X, Y, Z) class
     indices and, when the cache carries one, ``teacher`` (B, 1, X, Y, Z) soft targets in [0, 1]
-    (zero beyond a field-of-view cut). Distillation combines the teacher's term here.
+    (zero beyond a field-of-view cut). A network whose output is ``margin`` voxels smaller per side
+    (tang2020) is scored on the targets' centre. The expert labels give Dice + cross-entropy; the
+    teacher adds ``teacher_weight`` times the distillation loss on the main output
+    (liverseg/teacher.py).
     """
-    return loss_fn(split_outputs(outputs.float()), batch["label"])
+    label, teacher = batch["label"], batch.get("teacher")
+    if margin:
+        inner = (slice(None), slice(None), *(slice(margin, -margin),) * 3)
+        label = label[inner]
+        teacher = teacher[inner] if teacher is not None else None
+    predictions = split_outputs(outputs.float())
+    loss = loss_fn(predictions, label)
+    if teacher_weight > 0 and teacher is not None:
+        from liverseg.teacher import distillation_loss, main_output
+
+        loss = loss + teacher_weight * distillation_loss(main_output(predictions), teacher)
+    return loss
 
 
 def _train_step(batch: dict, step: int, model: nn.Module, opt: _Optimisation, run: _Run,
@@ -355,7 +375,8 @@ def _train_step(batch: dict, step: int, model: nn.Module, opt: _Optimisation, ru
         image = image.contiguous(memory_format=torch.channels_last_3d)
     with torch.autocast(dev.type, dtype=opt.amp_dtype, enabled=opt.amp_dtype is not None):
         outputs = model(image)
-    loss = compute_loss(opt.loss_fn, outputs, batch)
+    loss = compute_loss(opt.loss_fn, outputs, batch, margin=network_margin(run.config.model),
+                        teacher_weight=run.config.train.teacher_weight)
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
     if run.config.train.grad_clip > 0:
@@ -365,6 +386,33 @@ def _train_step(batch: dict, step: int, model: nn.Module, opt: _Optimisation, ru
     opt.scaler.update()
     opt.scheduler.step()
     return loss.detach()
+
+
+FIT_FIRST, FIT_EVERY = 5, 20  # timing starts after a warm-up; the schedule is refitted every FIT_EVERY steps
+
+
+def _fit_to_time(progress: _Progress, opt: _Optimisation, run: _Run, elapsed: float, bar: Any) -> None:
+    """train.fit_to_time: from the time the last FIT_EVERY steps took, set the schedule's length (at
+    most train.iterations) so that it ends, learning rate annealed, at train.max_seconds. Refitted
+    every FIT_EVERY steps while more than that remain, as the machine's load changes (runs sharing a
+    GPU start and end at different times). Rank 0 decides for every rank."""
+    t = run.config.train
+    step = progress.step
+    if t.max_seconds is None or step < FIT_FIRST or (step - FIT_FIRST) % FIT_EVERY:
+        return
+    now = time.perf_counter()
+    if progress.fit_clock is not None and (progress.total is None or progress.total - step > FIT_EVERY):
+        per_step = (now - progress.fit_clock) / FIT_EVERY
+        left = max(t.max_seconds - elapsed, 0.0) * 0.97  # a little slack for the final checkpoint
+        total = torch.tensor([min(t.iterations, step + max(1, int(left / per_step)))], device=run.dev)
+        if run.world > 1:
+            torch.distributed.broadcast(total, 0)
+        progress.total = int(total.item())
+        opt.scheduler.total_iters = progress.total  # PolynomialLR decays from here to the new end
+        if bar is not None:
+            bar.total = progress.total
+            bar.refresh()
+    progress.fit_clock = now
 
 
 def _out_of_time(run: _Run, elapsed: float) -> bool:
@@ -406,7 +454,9 @@ def _train(run: _Run, *, resume: bool, quiet: bool,
             progress.step += 1
             loss_value = mean_across_ranks(float(loss), dev)
             elapsed = time.perf_counter() - run.started[0]
-            final = progress.step >= t.iterations or _out_of_time(run, elapsed)
+            if t.fit_to_time:
+                _fit_to_time(progress, opt, run, elapsed, bar)
+            final = progress.step >= (progress.total or t.iterations) or _out_of_time(run, elapsed)
             if log is not None:  # rank 0 validates, logs and checkpoints
                 val = None
                 if val_cases and (progress.step % t.val_every == 0 or final):

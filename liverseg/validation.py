@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,13 +36,23 @@ def validate(network: nn.Module, cases: list[dict], config: Config, device: torc
     """Sliding-window prediction on whole cached cases; mean Dice per region and overall."""
     from monai.inferers import sliding_window_inference
 
-    from liverseg.networks import autocast_dtype
+    from liverseg.networks import autocast_dtype, network_margin
 
     dtype = autocast_dtype(config.train, device)
     was_training = network.training
     network.eval()
     per_case = {}
+    margin = network_margin(config.model)
     for case in cases:
+        if margin:  # an output smaller than the input: the inference path's margin-aware windows
+            from liverseg.bundle import Bundle
+            from liverseg.infer import model_probabilities
+
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                in_memory = Bundle(Path("."), config, network)
+                probs = model_probabilities(case["image"], in_memory, device=device.type)
+            per_case[case["case"]] = dice_scores(probs.argmax(0), case["label"][0])
+            continue
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = sliding_window_inference(
                 case["image"][None].to(device), roi_size=config.train.patch_size,

@@ -276,9 +276,9 @@ def test_loop_gets_robust_batches_with_teacher_and_resumes_exactly(small_liver_c
     seen: list[dict] = []
     original = train_module.compute_loss
 
-    def spy(loss_fn: torch.nn.Module, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+    def spy(loss_fn: torch.nn.Module, outputs: torch.Tensor, batch: dict, **options: float) -> torch.Tensor:
         seen.append({k: v.clone() for k, v in batch.items()})
-        return original(loss_fn, outputs, batch)
+        return original(loss_fn, outputs, batch, **options)
 
     monkeypatch.setattr(train_module, "compute_loss", spy)
     base = [*TINY, "train.iterations=3", "train.checkpoint_every=2", "train.deterministic=true"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -49,3 +50,33 @@ def test_compiled_network_trains_like_eager(small_liver_cache: Path, tmp_path: P
     assert compiled == pytest.approx(plain, rel=1e-4)
     state = torch.load(tmp_path / "compiled" / "checkpoints" / "last.pt", weights_only=False)
     assert not any(k.startswith("_orig_mod") for k in state["model"])
+
+
+def test_fit_to_time_sets_the_schedule_from_the_timed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import liverseg.train as train_module
+    from liverseg.config import Config
+
+    config = Config.model_validate({"train": {"iterations": 1000, "max_seconds": 100.0, "fit_to_time": True}})
+    network = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=1000, power=1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    opt = train_module._Optimisation(network, optimizer, scheduler, scaler, torch.nn.MSELoss(), None)
+    run = SimpleNamespace(config=config, world=1, dev=torch.device("cpu"))
+    progress = train_module._Progress(step=5)
+    clock = iter([10.0, 14.0, 18.0])  # steps 5..25 take 4 s (0.2 s a step), 25..45 too
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
+    train_module._fit_to_time(progress, opt, run, elapsed=10.0, bar=None)
+    assert progress.total is None
+    progress.step = 25
+    train_module._fit_to_time(progress, opt, run, elapsed=20.0, bar=None)
+    # 80 s left, less 3% slack, at 0.2 s a step: 388 more steps
+    assert progress.total == 25 + int(80 * 0.97 / 0.2) and scheduler.total_iters == progress.total
+    progress.step = 45  # refitted: the machine got twice as slow (steps 25..45 took 8 s)
+    clock = iter([22.0])
+    train_module._fit_to_time(progress, opt, run, elapsed=28.0, bar=None)
+    assert progress.total == 45 + int(72 * 0.97 / 0.4)
+    for _ in range(progress.total):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # annealed by the deadline
