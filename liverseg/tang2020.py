@@ -112,6 +112,12 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
+def _empty_channels_last(like: torch.Tensor, channels: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(
+        (1, channels, *shape), dtype=like.dtype, device=like.device, memory_format=torch.channels_last_3d
+    )
+
+
 def _pad_slices(x: torch.Tensor, start: int, stop: int, depth: int) -> torch.Tensor:
     """The 'same' zero padding across slices, where a slab touches the ends of the volume."""
     before, after = int(start == 0), int(stop == depth)
@@ -199,62 +205,56 @@ class Tang2020UNet(nn.Module):
         up = _upsample3(self._middle_from_pooled(F.max_pool3d(level1, 3)))
         return self.conv14(na(self.conv13(na(_centre_crop(level1, tuple(up.shape[2:]))), na(up))))
 
-    def _level1_slices(
-        self, x: torch.Tensor, start: int, stop: int, mean: torch.Tensor, std: torch.Tensor
-    ) -> torch.Tensor:
-        """Slices ``start:stop`` of level 1 (conv2's output), from conv1's normalised output around them."""
-        depth = x.shape[4]
-        lo, hi = max(start - 1, 0), min(stop + 1, depth)
-        inp = _pad_slices(_apply_norm_(self.conv1(x[..., lo:hi]), mean, std), start, stop, depth)
-        return F.conv3d(_channels_last(inp), self.conv2.weight, self.conv2.bias, padding=(1, 1, 0))
-
     @torch.no_grad()
     def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
         """The same computation for one input, its full-resolution layers in slabs of slices.
 
-        Level 1 (40 channels at full size) is never held whole: a first pass computes it slab by
-        slab for the max pool and the statistics of its cropped skip, and the up pass computes the
-        slabs of the skip it needs again (conv2 twice: about a sixth more arithmetic).
+        conv1's output (20 channels) is made whole; level 1 (conv2's 40 channels) is made slab by
+        slab, pooled at once, and only its centre (the part the skip keeps, the output's size) is
+        held. The upsampled coarse map is made slab by slab twice (its statistics, then its use).
+        Peak: two 40-channel maps at output size. Channels-last throughout (oneDNN's fast layout).
         """
-        depth = x.shape[4]
-        stats = _Statistics()
-        for z0, z1 in _slabs(depth):
-            stats.add(self.conv1(x[..., z0:z1]))  # conv1 has no extent across slices: no halo
-        mean1, std1 = stats.result()
-        # The skip's crop (13 voxels per side, like the output) is known before the middle runs.
-        margin = MARGIN
+        margin, depth = MARGIN, x.shape[4]
+        shape = tuple(n - 2 * margin for n in x.shape[2:])
+        first = _empty_channels_last(x, self.conv1.out_channels, x.shape[2:])
+        for z0, z1 in _slabs(depth):  # conv1 is (3, 3, 1): slabs need no halo
+            first[..., z0:z1] = self.conv1(x[..., z0:z1])
+        _normalise_activate(first)
+        skip = _empty_channels_last(x, self.conv2.out_channels, shape)
         crop = tuple(slice(margin, n - margin) for n in x.shape[2:4])
-        pooled, skip_stats = [], _Statistics()
+        pooled = []
         for z0, z1 in _slabs(depth):  # slab edges are multiples of 3: pooling needs no halo
-            level1 = self._level1_slices(x, z0, z1, mean1, std1)
+            inp = _pad_slices(first[..., max(z0 - 1, 0) : min(z1 + 1, depth)], z0, z1, depth)
+            level1 = F.conv3d(_channels_last(inp), self.conv2.weight, self.conv2.bias, padding=(1, 1, 0))
             pooled.append(F.max_pool3d(level1, 3))
-            inner = level1[
-                :, :, crop[0], crop[1], max(z0, margin) - z0 : max(min(z1, depth - margin) - z0, 0)
-            ]
-            if inner.shape[4]:
-                skip_stats.add(inner)
+            a, b = max(z0, margin), min(z1, depth - margin)
+            if b > a:
+                skip[..., a - margin : b - margin] = level1[:, :, crop[0], crop[1], a - z0 : b - z0]
             del level1
+        del first
         coarse = self._middle_from_pooled(_channels_last(torch.cat(pooled, dim=4)))
         del pooled
-        shape = tuple(3 * n - 2 for n in coarse.shape[2:])
-        assert shape == tuple(n - 2 * margin for n in x.shape[2:])
+        assert shape == tuple(3 * n - 2 for n in coarse.shape[2:])
+        _normalise_activate(skip)
         inner_depth = shape[2]
         up_stats = _Statistics()
         for z0, z1 in _slabs(inner_depth):
             up_stats.add(_upsample3_slices(coarse, z0, z1))
-        (skip_mean, skip_std), (up_mean, up_std) = skip_stats.result(), up_stats.result()
+        up_mean, up_std = up_stats.result()
         flat_padding = (1, 1, 0)  # slabs carry their own halo (or zero padding) across slices
-        merged = x.new_empty((1, self.conv13.conv.out_channels, *shape))
+        merged = _empty_channels_last(x, self.conv13.conv.out_channels, shape)
         for z0, z1 in _slabs(inner_depth):
             lo, hi = max(z0 - 1, 0), min(z1 + 1, inner_depth)
-            skip = self._level1_slices(x, lo + margin, hi + margin, mean1, std1)[:, :, crop[0], crop[1]]
-            skip = _pad_slices(_apply_norm_(skip, skip_mean, skip_std), z0, z1, inner_depth)
+            skip_part = _pad_slices(skip[..., lo:hi], z0, z1, inner_depth)
             up = _pad_slices(
                 _apply_norm_(_upsample3_slices(coarse, lo, hi), up_mean, up_std), z0, z1, inner_depth
             )
-            merged[..., z0:z1] = self.conv13(_channels_last(skip), _channels_last(up), padding=flat_padding)
+            merged[..., z0:z1] = self.conv13(
+                _channels_last(skip_part), _channels_last(up), padding=flat_padding
+            )
+        del skip
         _normalise_activate(merged)
-        out = x.new_empty((1, self.conv14.out_channels, *shape))
+        out = _empty_channels_last(x, self.conv14.out_channels, shape)
         for z0, z1 in _slabs(inner_depth):
             out[..., z0:z1] = self.conv14(_channels_last(merged[..., z0:z1]))  # (3, 3, 1): no halo
         return out
