@@ -149,6 +149,9 @@ class TrainConfig(_Strict):
     channels_last: bool = False
     # torch.compile the network for training (the first steps pay for compiling).
     compile: bool = False
+    # Instance norm computed by torch's group-norm kernel (networks.for_inference: same parameters,
+    # same results to float rounding; faster on CPU).
+    fast_norm: bool = False
     deterministic: bool = False
     checkpoint_every: int = Field(default=100, ge=1)
     # Wall-clock budget: stop early (and still write the bundle) once this many seconds have

@@ -42,7 +42,14 @@ from liverseg.distributed import barrier, dist_env, mean_across_ranks, pick_devi
 from liverseg.errors import LiversegError
 from liverseg.io import atomic_path
 from liverseg.losses import build_loss, split_outputs
-from liverseg.networks import autocast_dtype, build_network, load_pretrained, network_margin, network_stride
+from liverseg.networks import (
+    autocast_dtype,
+    build_network,
+    for_inference,
+    load_pretrained,
+    network_margin,
+    network_stride,
+)
 from liverseg.robustness import Robustness
 from liverseg.train_data import (
     CaseLoader as _CaseLoader,
@@ -187,6 +194,8 @@ def _optimisation(config: Config, dev: torch.device) -> _Optimisation:
     network = build_network(config.model)
     load_pretrained(network, config.model)  # a resumed run then loads its own weights over these
     network.to(dev)
+    if t.fast_norm:
+        for_inference(network)  # the layer swap only; the network stays in training mode
     if t.channels_last:  # before the optimiser, so its state takes the same layout
         network.to(memory_format=torch.channels_last_3d)
     if t.optimizer == "adamw":

@@ -7,8 +7,9 @@ the shared machine does not land on one side only):
 * ``ours`` -- liverseg.train.train on a preprocess cache with the given config (no validation,
   one checkpoint at the end, CSV log, progress.png, bundle written), float32;
 * ``bf16`` / ``channels_last`` / ``bf16_channels_last`` / ``compile`` / ``bf16_compile`` /
-  ``worker`` -- the same with ``train.amp_cpu`` (bf16 autocast), ``train.channels_last``,
-  ``train.compile`` or ``train.num_workers=1`` (patches made in a worker process);
+  ``worker`` / ``fast_norm`` / ... -- the same with ``train.amp_cpu`` (bf16 autocast),
+  ``train.channels_last``, ``train.compile``, ``train.num_workers=1`` (patches made in a worker
+  process) or ``train.fast_norm`` (instance norm by the group-norm kernel), alone or combined;
 * ``monai`` -- the textbook MONAI loop: CacheDataset(cases, Compose(same deterministic + random
   transforms)) -> DataLoader -> DynUNet -> DeepSupervisionLoss(DiceCELoss) -> AdamW with the same
   poly schedule and gradient clipping; nothing else.
@@ -47,6 +48,9 @@ VARIANTS = {
     "compile": ["train.compile=true"],
     "bf16_compile": ["train.amp_cpu=true", "train.compile=true"],
     "worker": ["train.num_workers=1"],
+    "fast_norm": ["train.fast_norm=true"],
+    "bf16_fast_norm": ["train.amp_cpu=true", "train.fast_norm=true"],
+    "bf16_fast_norm_worker": ["train.amp_cpu=true", "train.fast_norm=true", "train.num_workers=1"],
 }
 FIRST_TIMED = 2  # steps after this one are timed
 
