@@ -4,7 +4,8 @@ The loop is deliberately small and configured by data (``Config.train``/``Config
 builds the network, the loss, the patch sampling and augmentation, and the sliding-window
 validation; this module only wires them together and checkpoints. The patch stream lives in
 ``train_data``, the batch-level robustness augmentation in ``robustness``, the log and plots in
-``train_log``, validation in ``validation``; the loss is computed in ``compute_loss``.
+``train_log``, validation in ``validation``, the run's state, checkpoints and bundle in
+``run_state``; the loss is computed in ``compute_loss``.
 
 Reproducibility: each patch is a pure function of ``(train.seed, patch number)`` (see
 ``train_data``), and the checkpoint stores the model, optimiser, scheduler, AMP scaler and the
@@ -22,8 +23,6 @@ Run directory (itself a model bundle, so ``liverseg infer --model RUN_DIR`` work
 from __future__ import annotations
 
 import math
-import platform
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -31,16 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from liverseg.atomic import remove_stale_parts
-from liverseg.bundle import save_bundle
 from liverseg.config import Config
 from liverseg.distributed import barrier, dist_env, mean_across_ranks, pick_device
 from liverseg.errors import LiversegError
-from liverseg.io import atomic_path
 from liverseg.losses import build_loss, split_outputs
 from liverseg.networks import (
     autocast_dtype,
@@ -51,6 +47,17 @@ from liverseg.networks import (
     network_stride,
 )
 from liverseg.robustness import Robustness
+from liverseg.run_state import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    restore_checkpoint,
+    save_checkpoint,
+    write_bundle,
+)
+from liverseg.run_state import Optimisation as _Optimisation
+from liverseg.run_state import Progress as _Progress
+from liverseg.run_state import Run as _Run
 from liverseg.train_data import (
     CaseLoader as _CaseLoader,
 )
@@ -74,9 +81,6 @@ _transforms, _load_case = build_transforms, load_case
 __all__ = ["PatchStream", "TrainResult", "_CaseLoader", "_PatchNumbers", "_load_case", "_transforms",
            "dice_scores", "resolve_splits", "train", "validate"]
 
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.pt"
-BEST_CHECKPOINT = "best.pt"
 
 
 @dataclass
@@ -90,45 +94,6 @@ class TrainResult:
     cpu_seconds: float  # CPU time of this process in this call (all threads; excludes DDP peers)
     train_cases: list[str]
     val_cases: list[str]
-
-
-@dataclass
-class _Run:
-    """What stays fixed through a run: where it is, what it trains on, on which device."""
-
-    run_dir: Path
-    data: Path
-    cache: Path
-    config: Config
-    plan: Config
-    fold: int | None
-    train_ids: list[str]
-    val_ids: list[str]
-    dev: torch.device
-    rank: int
-    world: int
-    started: tuple[float, float]  # wall clock and process CPU time at the start of train()
-
-
-@dataclass
-class _Optimisation:
-    """The network and everything that updates it; all of it goes into the full checkpoint."""
-
-    network: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    loss_fn: nn.Module
-    amp_dtype: torch.dtype | None  # autocast dtype; None: float32
-
-
-@dataclass
-class _Progress:
-    step: int = 0
-    best: float = float("-inf")  # best mean validation Dice so far
-    best_step: int | None = None
-    total: int | None = None  # the schedule's length once fitted to the time (train.fit_to_time)
-    fit_clock: float | None = None  # when the timed steps began (not checkpointed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,77 +189,6 @@ def _forward_model(opt: _Optimisation, run: _Run) -> nn.Module:
     if t.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints and the bundle
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def _checkpoint(path: Path, run: _Run, opt: _Optimisation, progress: _Progress, full: bool) -> None:
-    """Weights and progress; ``full`` adds what an exact --resume needs (optimiser ... RNG states)."""
-    obj: dict[str, Any] = {"step": progress.step, "model": opt.network.state_dict(), "best": progress.best,
-                           "best_step": progress.best_step, "total": progress.total,
-                           "config": run.config.model_dump(mode="json")}
-    if full:
-        obj.update(optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
-                   scaler=opt.scaler.state_dict(), rng=_rng_state(), world_size=run.world)
-    _save(obj, path)
-
-
-def _restore(path: Path, config: Config, opt: _Optimisation) -> _Progress:
-    """Load the full checkpoint at ``path`` into ``opt`` and the global RNGs; where the run was."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["config"]["model"] != config.model.model_dump(mode="json"):
-        raise LiversegError("the model settings differ from the run being resumed; resume with the "
-                            "same config", path)
-    opt.network.load_state_dict(state["model"])
-    opt.optimizer.load_state_dict(state["optimizer"])
-    opt.scheduler.load_state_dict(state["scheduler"])
-    opt.scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    return _Progress(state["step"], state["best"], state["best_step"], state.get("total"))
-
-
-def _write_bundle(run: _Run, state_dict: dict, progress: _Progress, val: dict | None) -> None:
-    card = {
-        "name": run.run_dir.name,
-        "trained_on": {"cache": str(run.cache), "dataset": str(run.data), "train_cases": run.train_ids,
-                       "val_cases": run.val_ids, "fold": run.fold},
-        "command": " ".join(sys.argv),
-        "config": run.config.model_dump(mode="json"),
-        "iterations": progress.step,
-        "seconds": round(time.perf_counter() - run.started[0], 2),
-        "cpu_seconds": round(time.process_time() - run.started[1], 2),
-        "weights": "best validation Dice" if run.val_ids else "last step",
-        "validation": ({"best_dice": progress.best, "best_iteration": progress.best_step, **(val or {})}
-                       if run.val_ids else None),
-        "machine": {"device": str(run.dev), "world_size": run.world, "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
-        "licence": "Check the licences of the training data: models trained on 3D-IRCADb are for "
-                   "non-commercial research use only.",
-    }
-    save_bundle(run.run_dir, run.plan, state_dict, card=card)
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,7 +340,7 @@ def _train(run: _Run, *, resume: bool, quiet: bool,
 
     opt = _optimisation(run.config, dev)
     resumable = resume and (ckpt_dir / LAST_CHECKPOINT).is_file()
-    progress = _restore(ckpt_dir / LAST_CHECKPOINT, run.config, opt) if resumable else _Progress()
+    progress = restore_checkpoint(ckpt_dir / LAST_CHECKPOINT, run.config, opt) if resumable else _Progress()
     model = _forward_model(opt, run)
     robust = (Robustness(t, run.plan.preprocess.intensity, run.plan.preprocess.target_spacing[2],
                          rank=run.rank) if Robustness.wanted(t) else None)
@@ -472,12 +366,12 @@ def _train(run: _Run, *, resume: bool, quiet: bool,
                     val = last_val = validate(opt.network, val_cases, run.config, dev)
                     if not math.isnan(val["dice"]) and val["dice"] > progress.best:
                         progress.best, progress.best_step = val["dice"], progress.step
-                        _checkpoint(ckpt_dir / BEST_CHECKPOINT, run, opt, progress, full=False)
-                        _write_bundle(run, opt.network.state_dict(), progress, val)
+                        save_checkpoint(ckpt_dir / BEST_CHECKPOINT, run, opt, progress, full=False)
+                        write_bundle(run, opt.network.state_dict(), progress, val)
                 row = step_row(progress.step, loss_value, lr, elapsed, val)
                 log.append(row)
                 if progress.step % t.checkpoint_every == 0 or final:
-                    _checkpoint(ckpt_dir / LAST_CHECKPOINT, run, opt, progress, full=True)
+                    save_checkpoint(ckpt_dir / LAST_CHECKPOINT, run, opt, progress, full=True)
                 if val is not None or final:
                     log.plot()
                 if bar is not None:
@@ -496,7 +390,7 @@ def _train(run: _Run, *, resume: bool, quiet: bool,
             raise LiversegError("no training step was run (train.iterations already reached?)", run.run_dir)
         if not run.val_ids or progress.best_step is None:
             # Without validation, or when validation never gave a Dice: the bundle holds the last weights.
-            _write_bundle(run, opt.network.state_dict(), progress, last_val)
+            write_bundle(run, opt.network.state_dict(), progress, last_val)
     barrier()
     return TrainResult(run_dir=run.run_dir, bundle=run.run_dir,
                        best_dice=progress.best if progress.best_step is not None else None,
