@@ -42,6 +42,25 @@ def test_bf16_and_channels_last_train_like_float32(small_liver_cache: Path, tmp_
     assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
 
 
+def test_fast_norm_trains_like_instance_norm(small_liver_cache: Path, tmp_path: Path) -> None:
+    """train.fast_norm swaps instance norm for the group-norm kernel: same losses, same state keys,
+    and the bundle loads into the plain network."""
+    from liverseg.bundle import load_bundle
+    from liverseg.train import _optimisation
+
+    fast_cfg = load_config(CPU_SMALL, [*TINY, "train.fast_norm=true"])
+    network = _optimisation(fast_cfg, torch.device("cpu")).network
+    kinds = {type(m) for m in network.modules()}
+    assert torch.nn.GroupNorm in kinds and torch.nn.InstanceNorm3d not in kinds  # the swap happened
+    plain = _losses(small_liver_cache, tmp_path / "instance", [])
+    fast = _losses(small_liver_cache, tmp_path / "group", ["train.fast_norm=true"])
+    assert len(set(plain)) > 1
+    assert fast == pytest.approx(plain, rel=1e-4)
+    reference = load_bundle(tmp_path / "instance").network.state_dict()
+    swapped = load_bundle(tmp_path / "group").network.state_dict()
+    assert swapped.keys() == reference.keys()
+
+
 @pytest.mark.slow
 def test_compiled_network_trains_like_eager(small_liver_cache: Path, tmp_path: Path) -> None:
     """torch.compile (about 40 s of compiling on 2 cores): same losses, checkpoint without wrappers."""
