@@ -11,8 +11,9 @@ weights), on a long thin-slice scan, and as one batch call against one call per 
      gaussian) -> softmax -> Invertd -> argmax -> keep largest component (SciPy, see
      ``_keep_largest``) -> SaveImage, as in MONAI's CT segmentation bundles.
 
-   The two sides alternate (A B A B ...) so that load on the shared machine hits both alike; the
-   best of ``--repeats`` is kept.
+   ``--also liver_tang2020`` times other bundles in the same rotation, beside the two (speed, peak
+   memory, liver Dice against the label). The sides alternate (A B A B ...) so that load on the
+   shared machine hits both alike; the best of ``--repeats`` is kept.
 2. A long thin-slice scan: ``--long-source`` (default tsexample, a whole trunk at 3 mm) resampled
    to 512 x 512 in-plane and 0.625 mm slices (538 slices), then ``liverseg infer`` on it. Its time
    per slice is compared with the first side-by-side case's.
@@ -26,7 +27,7 @@ and peak memory is that child's ``ru_maxrss`` alone. Every run gets the same thr
 Usage::
 
     python pipelines/bench_infer.py [--dataset ../shared/data/liver] [--cases ircadb01 ...]
-        [--model BUNDLE] [--threads 2] [--repeats 1] [--no-long] [--no-batch]
+        [--model BUNDLE] [--also liver_tang2020] [--threads 2] [--repeats 1] [--no-long] [--no-batch]
         [--out pipelines/results/bench_infer.json]
 """
 
@@ -178,10 +179,13 @@ def _ours_cmd(inputs: list[Path], out: Path, bundle: Path) -> list[str]:
             "--model", str(bundle), "--device", "cpu", "--force", "--quiet"]
 
 
-def side_by_side(cases: list, bundle: Path, scratch: Path, threads: int, repeats: int) -> list[dict]:
-    """Part 1: ours against the MONAI-bundle style, case by case, alternating."""
+def side_by_side(cases: list, bundle: Path, scratch: Path, threads: int, repeats: int,
+                 also: list[str] | None = None) -> list[dict]:
+    """Part 1: ours against the MONAI-bundle style, case by case, alternating; ``also``: other
+    bundles (shipped names or paths, e.g. liver_tang2020) timed in the same rotation."""
     import nibabel as nib
 
+    also = also or []
     rows = []
     for case in cases:
         ours_out = scratch / "ours" / f"{case.case_id}.nii.gz"
@@ -189,9 +193,13 @@ def side_by_side(cases: list, bundle: Path, scratch: Path, threads: int, repeats
         base_cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline", str(case.image),
                     str(bundle), str(monai_dir)]
         ours, base = [], []
+        others: dict[str, list[dict]] = {name: [] for name in also}
         for _ in range(repeats):
             ours.append(_measure(_ours_cmd([case.image], ours_out, bundle), threads))
             base.append(_measure(base_cmd, threads))
+            for name in also:
+                out = scratch / "also" / Path(name).name / f"{case.case_id}.nii.gz"
+                others[name].append(_measure(_ours_cmd([case.image], out, Path(name)), threads))
         best_ours, best_base = _best(ours), _best(base)
         sidecar = json.loads(ours_out.with_name(f"{case.case_id}.json").read_text())
         monai_mask = next(monai_dir.glob(f"{case.case_id}*seg.nii.gz"))
@@ -204,6 +212,13 @@ def side_by_side(cases: list, bundle: Path, scratch: Path, threads: int, repeats
             "monai_runs_s": [round(r["seconds"], 2) for r in base],
             "ours_stage_s": sidecar["seconds"],
             "liver_dice_ours_vs_monai": round(_dice_liver(ours_out, monai_mask), 4),
+            "also": {Path(name).name: {
+                "s": round(_best(runs)["seconds"], 2), "peak_mb": round(_best(runs)["peak_mb"]),
+                "speedup_vs_monai": round(best_base["seconds"] / _best(runs)["seconds"], 2),
+                "runs_s": [round(r["seconds"], 2) for r in runs],
+                "liver_dice_vs_label": round(_dice_liver(
+                    scratch / "also" / Path(name).name / f"{case.case_id}.nii.gz", case.label), 4),
+            } for name, runs in others.items()},
         })
         print(f"{case.case_id}: done", file=sys.stderr)
     return rows
@@ -256,6 +271,8 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=REPO.parent / "shared" / "data" / "liver")
     parser.add_argument("--cases", nargs="*", help="side-by-side cases (default: all)")
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--also", nargs="*", default=[],
+                        help="other bundles timed beside it on the side-by-side cases (e.g. liver_tang2020)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="runs per side; the best is kept")
     parser.add_argument("--long-source", type=Path, default=None,
@@ -287,7 +304,7 @@ def main() -> None:
         # Which weights were timed, so a model card quotes figures of its own weights only.
         result["weights_sha256"] = hashlib.sha256((Path(bundle) / "model.pt").read_bytes()).hexdigest()
         result["roi_size"] = json.loads((Path(bundle) / "plan.json").read_text())["infer"]["roi_size"]
-        rows = side_by_side(chosen, bundle, scratch, args.threads, args.repeats)
+        rows = side_by_side(chosen, bundle, scratch, args.threads, args.repeats, args.also)
         result["rows"] = rows
         print(f"{'case':<10} {'shape':<16} {'ours s':>7} {'MONAI s':>8} {'speedup':>8} "
               f"{'ours MB':>8} {'MONAI MB':>9} {'Dice':>6}")
@@ -295,6 +312,9 @@ def main() -> None:
             print(f"{r['case']:<10} {'x'.join(map(str, r['shape'])):<16} {r['ours_s']:>7} {r['monai_s']:>8} "
                   f"{r['speedup']:>7}x {r['ours_peak_mb']:>8} {r['monai_peak_mb']:>9} "
                   f"{r['liver_dice_ours_vs_monai']:>6}")
+            for name, other in r["also"].items():
+                print(f"{'':<10} {name:<16} {other['s']:>7} {'':>8} {other['speedup_vs_monai']:>7}x "
+                      f"{other['peak_mb']:>8} {'':>9} {other['liver_dice_vs_label']:>6} (vs label)")
         if not args.no_long:
             source = args.long_source or next(c.image for c in all_cases if c.case_id == "tsexample")
             long = long_scan(source, bundle, scratch, args.threads, args.repeats)
