@@ -363,6 +363,9 @@ def evaluate(work: Path, approach: str, shifts: tuple[str, ...] = SHIFTS) -> dic
     results = json.loads(out_path.read_text()) if out_path.is_file() else {"cases": {}}
     folds = {held: f"{approach}_{held}" for held in EXPERT_CASES}
     for held, name in folds.items():
+        if approach != "teacher" and not (work / "runs" / name / "model.pt").is_file():
+            print(f"{name}: not trained yet, skipped", flush=True)
+            continue
         bundle = load_bundle(TEACHER if approach == "teacher" else work / "runs" / name)
         volume = read_ct(DATA / "imagesTr" / f"{held}.nii.gz")
         reference = read_label(DATA / "labelsTr" / f"{held}.nii.gz")
