@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
@@ -101,11 +99,11 @@ def prepare(work: Path) -> None:
 def train(
     work: Path, names: list[str], device: str, budget: float | None, extra: list[str] | None = None
 ) -> None:
-    """All runs side by side: on the CPU the cores are split between them, on a GPU they share it."""
-    threads = str(max(1, (os.cpu_count() or 1) // len(names)))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    """All runs side by side (pipelines/launch.py): on the CPU the cores are split between them."""
+    from launch import exit_if_failed, run_side_by_side
+
     table = all_runs(list(APPROACHES))
-    procs = {}
+    commands, logs = {}, {}
     for name in names:
         approach, _ = table[name]
         spec = APPROACHES[approach]
@@ -133,17 +131,8 @@ def train(
             cmd += ["--set", f"train.max_seconds={budget}", "--set", "train.fit_to_time=true"]
         if (run_dir / "checkpoints" / "last.pt").is_file():
             cmd.append("--resume")
-        (work / "logs").mkdir(parents=True, exist_ok=True)
-        log = (work / "logs" / f"{name}.log").open("a")
-        print(" ".join(cmd), flush=True)
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-    failed = []
-    for name, (proc, log) in procs.items():
-        if proc.wait() != 0:
-            failed.append(name)
-        log.close()
-    if failed:
-        sys.exit(f"training failed for {failed}; see {work}/logs/<run>.log")
+        commands[name], logs[name] = cmd, work / "logs" / f"{name}.log"
+    exit_if_failed(run_side_by_side(commands, logs), f"{work}/logs/<run>.log")
 
 
 # --------------------------------------------------------------------------------------------

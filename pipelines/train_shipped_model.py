@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,26 +83,18 @@ def prepare(work: Path, config: Path) -> None:
 
 
 def train(work: Path, names: list[str], config: Path) -> None:
-    # The runs share the machine's cores evenly (threads in one process scale worse than processes).
-    threads = str(max(1, (os.cpu_count() or 1) // len(names)))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    procs = {}
+    """All runs side by side (pipelines/launch.py): on the CPU the cores are split between them."""
+    from launch import exit_if_failed, run_side_by_side
+
+    commands, logs = {}, {}
     for name in names:
         run_dir = work / name
         cmd = [sys.executable, "-m", "liverseg", "train", str(work / "cache"), "-o", str(run_dir),
                "--config", str(config), "--splits", str(work / f"splits_{name}.json"), "--json"]
         if (run_dir / "checkpoints" / "last.pt").is_file():
             cmd.append("--resume")
-        log = (work / f"{name}.log").open("a")
-        print(" ".join(cmd), flush=True)
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-    failed = []
-    for name, (proc, log) in procs.items():
-        if proc.wait() != 0:
-            failed.append(name)
-        log.close()
-    if failed:
-        sys.exit(f"training failed for {failed}; see {work}/<run>.log")
+        commands[name], logs[name] = cmd, work / f"{name}.log"
+    exit_if_failed(run_side_by_side(commands, logs), f"{work}/<run>.log")
 
 
 def evaluate(work: Path, config: Path) -> dict:
