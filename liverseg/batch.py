@@ -259,7 +259,7 @@ def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: fl
                tta: bool | None = None, sw_batch_size: int | None = None,
                save_probabilities: bool = False, preview: bool = False,
                postprocess: bool = True, dicom_seg: bool = False,
-               reader: ReadAhead | None = None) -> dict:
+               reader: ReadAhead | None = None, precision: str | None = None) -> dict:
     """Read (or take from ``reader``), predict and write one case (mask, optional probabilities,
     preview and DICOM SEG, sidecar). ``seconds.read`` is the read's own time, also when it ran
     ahead in the background; ``seconds.total`` runs from taking the input to the sidecar."""
@@ -270,7 +270,8 @@ def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: fl
     volume, contrast, timings["read"] = reader.take(job) if reader is not None else read_case(job)
     prediction = predict_volume(volume, bundle, device=device, overlap=overlap, tta=tta,
                                 sw_batch_size=sw_batch_size, keep_probabilities=save_probabilities,
-                                postprocess=None if postprocess else False, contrast=contrast)
+                                postprocess=None if postprocess else False, contrast=contrast,
+                                precision=precision)
     seg_info = None
     timings.update(prediction.timings)
     # The sidecar marks a finished case: remove an earlier run's first, so that a crash while the
@@ -316,6 +317,7 @@ def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: fl
         "model_path": str(bundle.path),
         "liverseg_version": __version__,
         "device": device,
+        "precision": prediction.precision,
         "geometry": volume.geometry(),
         "warnings": list(volume.warnings),
     }
@@ -333,7 +335,7 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
                   device: str = "auto", overlap: float | None = None, tta: bool | None = None,
                   sw_batch_size: int | None = None, save_probabilities: bool = False,
                   preview: bool = False, shard: tuple[int, int] | None = None, force: bool = False,
-                  postprocess: bool = True, dicom_seg: bool = False,
+                  postprocess: bool = True, dicom_seg: bool = False, precision: str | None = None,
                   progress: Callable[[Iterable[CaseJob], int], Iterable[CaseJob]] | None = None,
                   on_error: Callable[[CaseResult], None] | None = None,
                   on_warning: Callable[[CaseResult], None] | None = None) -> InferReport:
@@ -351,12 +353,13 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
         return _run_jobs(jobs, bundle, reader, device=device, overlap=overlap, tta=tta,
                          sw_batch_size=sw_batch_size, save_probabilities=save_probabilities,
                          preview=preview, force=force, postprocess=postprocess, dicom_seg=dicom_seg,
-                         progress=progress, on_error=on_error, on_warning=on_warning)
+                         precision=precision, progress=progress, on_error=on_error, on_warning=on_warning)
 
 
 def _run_jobs(jobs: list[CaseJob], bundle: Bundle, reader: ReadAhead, *, device: str,
               overlap: float | None, tta: bool | None, sw_batch_size: int | None,
               save_probabilities: bool, preview: bool, force: bool, postprocess: bool, dicom_seg: bool,
+              precision: str | None,
               progress: Callable[[Iterable[CaseJob], int], Iterable[CaseJob]] | None,
               on_error: Callable[[CaseResult], None] | None,
               on_warning: Callable[[CaseResult], None] | None) -> InferReport:
@@ -375,7 +378,7 @@ def _run_jobs(jobs: list[CaseJob], bundle: Bundle, reader: ReadAhead, *, device:
             sidecar = infer_case(job, bundle, device=device, overlap=overlap, tta=tta,
                                  sw_batch_size=sw_batch_size, save_probabilities=save_probabilities,
                                  preview=preview, postprocess=postprocess, dicom_seg=dicom_seg,
-                                 reader=reader)
+                                 reader=reader, precision=precision)
         except LiversegError as exc:
             result = CaseResult(job.case, str(job.image), str(job.mask), "failed", str(exc))
         except (RuntimeError, ValueError, MemoryError, OSError) as exc:

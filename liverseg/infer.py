@@ -51,6 +51,7 @@ class Prediction:
     box: tuple[slice, ...] = (slice(None),) * 3
     model_probabilities: torch.Tensor | None = None
     record: SpatialRecord | None = None
+    precision: str = "float32"  # the network's arithmetic (resolve_precision)
 
 
 @contextmanager
@@ -73,6 +74,19 @@ def resolve_device(device: str) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise LiversegError(f"unknown device '{device}'; use auto, cpu or cuda")
     return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The plan's or user's ``infer.precision`` for ``device``: "auto" becomes "bfloat16" where the
+    device computes it natively, "float32" elsewhere (emulated bfloat16 would be slower)."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    else:  # torch's own CPU feature probes (private, hence the fallback when a build lacks them)
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        native = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return "bfloat16" if native else "float32"
 
 
 def check_ct_intensities(volume: Volume) -> None:
@@ -121,8 +135,9 @@ def _flips(tta: bool, bundle: Bundle) -> list[tuple[int, ...]]:
 
 def model_probabilities(image: torch.Tensor, bundle: Bundle, *, device: str = "cpu",
                         overlap: float | None = None, tta: bool | None = None,
-                        sw_batch_size: int | None = None) -> torch.Tensor:
-    """(1, X, Y, Z) model-space image -> (C, X, Y, Z) float32 softmax probabilities on the CPU."""
+                        sw_batch_size: int | None = None, precision: str | None = None) -> torch.Tensor:
+    """(1, X, Y, Z) model-space image -> (C, X, Y, Z) float32 softmax probabilities on the CPU.
+    ``precision`` (default: the plan's) is the network's arithmetic (:func:`resolve_precision`)."""
     from monai.inferers import sliding_window_inference
 
     plan = bundle.plan.infer
@@ -145,8 +160,13 @@ def model_probabilities(image: torch.Tensor, bundle: Bundle, *, device: str = "c
     if net_device.type != torch.device(device).type:
         network.to(device)
 
+    low_precision = resolve_precision(precision or plan.precision, device) == "bfloat16"
+    device_type = torch.device(device).type
+
     def predictor(window: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.softmax(network(window), dim=1)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=low_precision):
+            logits = network(window)
+        probabilities = torch.softmax(logits.float(), dim=1)
         return torch.nn.functional.pad(probabilities, [margin] * 6) if margin else probabilities
 
     total: torch.Tensor | None = None
@@ -200,21 +220,24 @@ def _postprocess_config(bundle: Bundle, postprocess: PostprocessConfig | bool | 
 def predict_volume(volume: Volume, bundle: Bundle, *, device: str = "cpu", overlap: float | None = None,
                    tta: bool | None = None, sw_batch_size: int | None = None,
                    keep_probabilities: bool = False, postprocess: PostprocessConfig | bool | None = None,
-                   check_intensities: bool = True, contrast: bool | None = None) -> Prediction:
+                   check_intensities: bool = True, contrast: bool | None = None,
+                   precision: str | None = None) -> Prediction:
     """Segment one CT volume with a bundle; labels come back on exactly the input's grid.
 
     ``overlap``, ``tta`` and ``sw_batch_size`` default to the bundle's plan. ``postprocess``:
     None uses the plan's choices, False turns all steps off, or pass a config. ``contrast``
     (True: contrast-enhanced, None: unknown) sets the HU range the QC expects of the liver.
+    ``precision``: the network's arithmetic, default the plan's (:func:`resolve_precision`).
     """
     timings: dict[str, float] = {}
+    precision = resolve_precision(precision or bundle.plan.infer.precision, device)
     if check_intensities:
         check_ct_intensities(volume)
     with timed(timings, "preprocess"):
         image, record = to_model_space(volume, bundle.plan.preprocess, upright=True)
     with timed(timings, "predict"):
         probs = model_probabilities(image, bundle, device=device, overlap=overlap, tta=tta,
-                                    sw_batch_size=sw_batch_size)
+                                    sw_batch_size=sw_batch_size, precision=precision)
     del image
     nested = bundle.plan.infer.nested_classes
     with timed(timings, "qc"):  # on the small model grid, before postprocessing
@@ -233,4 +256,5 @@ def predict_volume(volume: Volume, bundle: Bundle, *, device: str = "cpu", overl
         case_qc = qc.assess(volume, labels, model_qc, stats, contrast=contrast)
     probabilities = native.probabilities.numpy() if native.probabilities is not None else None
     return Prediction(labels=labels, probabilities=probabilities, timings=timings, stats=stats,
-                      qc=case_qc, box=box, model_probabilities=probs, record=record)
+                      qc=case_qc, box=box, model_probabilities=probs, record=record,
+                      precision=precision)

@@ -202,6 +202,28 @@ def test_plan_decision_rule_reaches_the_native_grid(real_bundle: Path) -> None:
     assert not np.any(masks[False] & ~masks[True])
 
 
+def test_bfloat16_agrees_with_float32_and_auto_uses_it_only_where_native(
+        real_bundle: Path, small_liver_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 arithmetic (infer.precision) is a speed choice: the masks must not change."""
+    import torch
+
+    from liverseg.infer import resolve_precision
+
+    volume = read_ct(next((small_liver_dataset / "imagesTr").glob("*.nii.gz")))
+    bundle = load_bundle(real_bundle)
+    runs = {p: predict_volume(volume, bundle, precision=p) for p in ("float32", "bfloat16")}
+    assert {p: r.precision for p, r in runs.items()} == {"float32": "float32", "bfloat16": "bfloat16"}
+    full, low = (runs[p].labels > 0 for p in ("float32", "bfloat16"))
+    assert full.sum() > 10_000
+    assert 2 * (full & low).sum() / (full.sum() + low.sum()) >= 0.995
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert resolve_precision("auto", "cpu") == "float32"  # emulated bfloat16 would be slower
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_precision("auto", "cpu") == "bfloat16"
+    assert resolve_precision("float32", "cpu") == "float32"
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs, batch behaviour
 
@@ -210,7 +232,8 @@ def test_single_output_file_sidecar_preview_probabilities(tiny_bundle: Path, sma
                                                           tmp_path: Path) -> None:
     out = tmp_path / "result" / "liver.nii.gz"
     result = runner.invoke(app, ["infer", str(small_ct), "-o", str(out), "--model", str(tiny_bundle),
-                                 "--preview", "--save-probabilities", "--tta", "--overlap", "0.5"])
+                                 "--preview", "--save-probabilities", "--tta", "--overlap", "0.5",
+                                 "--precision", "float32"])
     assert result.exit_code == 0, result.output
     image = nib.load(small_ct)
     mask = nib.load(out)
@@ -225,6 +248,7 @@ def test_single_output_file_sidecar_preview_probabilities(tiny_bundle: Path, sma
         hu = image.get_fdata()[labels == 1].mean()
         assert sidecar["mean_liver_hu"] == pytest.approx(hu, abs=0.01)
     assert sidecar["model_id"] == "tiny" and sidecar["model_version"] == "0"
+    assert sidecar["precision"] == "float32"
     assert set(sidecar["qc"]) == {"flags", "measures"}
     assert sidecar["qc"]["measures"]["liver_volume_ml"] == sidecar["liver_volume_ml"]
     assert "QC" in result.output  # the summary line says what QC found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,12 @@ from liverseg.cli.common import EXIT_BAD_INPUT, emit_json, friendly_errors, prog
 
 if TYPE_CHECKING:
     from liverseg.batch import CaseJob, CaseResult
+
+
+class Precision(str, Enum):  # infer.precision's values (liverseg.config.InferConfig)
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
 
 
 @friendly_errors
@@ -29,6 +36,9 @@ def command(
                                              help="Windows per forward pass [default: the plan]."),
     tta: bool | None = typer.Option(None, "--tta/--no-tta", help="Average over flips (4x slower) "
                                     "[default: the model's plan]."),
+    precision: Precision | None = typer.Option(None, "--precision", help="The network's arithmetic: "
+                                               "auto (bfloat16 where the CPU or GPU has it natively), "
+                                               "float32 or bfloat16 [default: the model's plan]."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess",
                                      help="Keep the largest liver, fill holes, tumour in liver."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities",
@@ -66,7 +76,8 @@ def command(
         list(inputs), output, model=model, device=device, overlap=overlap, tta=tta,
         sw_batch_size=sw_batch_size, save_probabilities=save_probabilities, preview=preview,
         shard=parse_shard(shard), force=force, postprocess=postprocess, dicom_seg=dicom_seg,
-        progress=bar, on_error=report_error, on_warning=report_warnings)
+        precision=precision.value if precision is not None else None, progress=bar,
+        on_error=report_error, on_warning=report_warnings)
     if as_json:
         emit_json(report.to_dict())
     elif not quiet and len(report.cases) > 1:
