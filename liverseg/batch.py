@@ -336,11 +336,14 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
                   sw_batch_size: int | None = None, save_probabilities: bool = False,
                   preview: bool = False, shard: tuple[int, int] | None = None, force: bool = False,
                   postprocess: bool = True, dicom_seg: bool = False, precision: str | None = None,
+                  lean_import: bool = False,
                   progress: Callable[[Iterable[CaseJob], int], Iterable[CaseJob]] | None = None,
                   on_error: Callable[[CaseResult], None] | None = None,
                   on_warning: Callable[[CaseResult], None] | None = None) -> InferReport:
     """Segment every case; finished cases are skipped unless ``force``; a failing case is recorded
     and the batch goes on. Setup errors (no model, no inputs) raise LiversegError before any write.
+    ``lean_import``: import MONAI without its unused optional extras (the CLI's own process only:
+    liverseg.monai_import).
     """
     from liverseg.bundle import load_bundle
 
@@ -349,6 +352,10 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
     if dicom_seg:
         check_dicom_seg_inputs(jobs)
     with ReadAhead([job for job in jobs if force or not _finished(job, dicom_seg)]) as reader:
+        if lean_import:  # the CLI's own process (liverseg.monai_import)
+            from liverseg.monai_import import import_monai_for_inference
+
+            import_monai_for_inference()
         bundle = load_bundle(model, device=device)  # while the first CT is read
         return _run_jobs(jobs, bundle, reader, device=device, overlap=overlap, tta=tta,
                          sw_batch_size=sw_batch_size, save_probabilities=save_probabilities,

@@ -76,7 +76,7 @@ def command(
         list(inputs), output, model=model, device=device, overlap=overlap, tta=tta,
         sw_batch_size=sw_batch_size, save_probabilities=save_probabilities, preview=preview,
         shard=parse_shard(shard), force=force, postprocess=postprocess, dicom_seg=dicom_seg,
-        precision=precision.value if precision is not None else None, progress=bar,
+        precision=precision.value if precision is not None else None, lean_import=True, progress=bar,
         on_error=report_error, on_warning=report_warnings)
     if as_json:
         emit_json(report.to_dict())
