@@ -10,7 +10,8 @@ gave on the clean one.
 
 Loss: the expert labels keep their Dice + cross-entropy (tumour is ours alone); the teacher adds
 ``train.teacher_weight`` times the binary cross-entropy between the student's foreground probability
-(liver or tumour, 1 - P(background)) and the teacher's P(liver), on the main output.
+(liver or tumour, 1 - P(background)) and the teacher's P(liver), on the main output; where the
+experts drew a tumour the target is foreground (the teacher misses large tumours).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from liverseg.bundle import Bundle
 
 TEACHER_KEY = "teacher"
+TUMOUR_CLASS = 2
 
 
 def teacher_probability(image: Path, bundle: Bundle) -> np.ndarray:
@@ -82,11 +84,16 @@ def add_teacher_targets(cache: str | Path, model: str | Path = "liver_tang2020",
     return written
 
 
-def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor,
+                      label: torch.Tensor | None = None) -> torch.Tensor:
     """Binary cross-entropy between the student's foreground probability and the teacher's.
 
     ``logits``: (B, C, ...) with class 0 background; ``teacher``: (B, 1, ...) or (B, ...) in [0, 1].
-    Computed from log-sum-exps, so it stays finite where the student is sure.
+    ``label`` (class indices shaped like ``teacher``): where the experts drew a tumour the target
+    is foreground whatever the teacher says. The teacher knows no tumours, and it leaves large
+    ones out of the liver (ircadb07: a quarter of the tumour below 0.5), which would teach the
+    student to cut them out too. Computed from log-sum-exps, so it stays finite where the student
+    is sure.
     """
     if teacher.dim() == logits.dim() - 1:
         teacher = teacher.unsqueeze(1)
@@ -95,6 +102,9 @@ def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
     log_foreground = torch.logsumexp(logits[:, 1:], dim=1, keepdim=True) - log_all
     log_background = logits[:, :1] - log_all
     target = teacher.float().clamp(0.0, 1.0)
+    if label is not None:
+        tumour = (label.view_as(target) == TUMOUR_CLASS).float()
+        target = torch.maximum(target, tumour)
     return -(target * log_foreground + (1.0 - target) * log_background).mean()
 
 

@@ -262,7 +262,7 @@ def compute_loss(loss_fn: nn.Module, outputs: torch.Tensor, batch: dict[str, tor
     if teacher_weight > 0 and teacher is not None:
         from liverseg.teacher import distillation_loss, main_output
 
-        loss = loss + teacher_weight * distillation_loss(main_output(predictions), teacher)
+        loss = loss + teacher_weight * distillation_loss(main_output(predictions), teacher, label)
     return loss
 
 

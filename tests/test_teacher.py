@@ -26,6 +26,18 @@ def test_distillation_loss_is_the_binary_cross_entropy_of_the_foreground() -> No
     assert np.isfinite(wrong) and wrong > 50  # confident and wrong: large, still finite
 
 
+def test_where_the_experts_drew_a_tumour_the_target_is_foreground() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 4, 5, 6) * 3
+    label = torch.randint(0, 3, (1, 1, 4, 5, 6))
+    teacher = torch.rand(1, 1, 4, 5, 6)
+    missed_tumours = torch.where(label == 2, torch.zeros_like(teacher), teacher)
+    found_tumours = torch.where(label == 2, torch.ones_like(teacher), teacher)
+    torch.testing.assert_close(distillation_loss(logits, missed_tumours, label),
+                               distillation_loss(logits, found_tumours))
+    assert float(distillation_loss(logits, missed_tumours)) != float(distillation_loss(logits, found_tumours))
+
+
 def test_teacher_targets_land_in_the_cache_on_the_model_grid(small_liver_cache: Path, trained_bundle: Path,
                                                             tmp_path: Path) -> None:
     cache = tmp_path / "cache"
