@@ -193,15 +193,14 @@ def _write_probabilities(probabilities: np.ndarray, reference: Volume, path: Pat
     scale factor of 1/255 (readers apply it), which keeps files small."""
     import nibabel as nib
 
-    from liverseg.io import atomic_path
+    from liverseg.io import save_nifti
 
     data = np.clip(np.rint(np.moveaxis(probabilities, 0, -1) * 255.0), 0, 255).astype(np.uint8)
     image = nib.Nifti1Image(data, reference.affine)
     image.set_qform(reference.affine, 1)
     image.set_sform(reference.affine, 1)
     image.header.set_slope_inter(1.0 / 255.0, 0.0)
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
+    save_nifti(image, path)
 
 
 CaseInput = tuple[Volume, bool | None, float]  # the CT, its contrast (None: unknown), read seconds

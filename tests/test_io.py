@@ -145,6 +145,13 @@ def test_write_mask_keeps_reference_header(tmp_path: Path) -> None:
     assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 2
     np.testing.assert_array_equal(np.asarray(back.dataobj), mask)
     assert [p.name for p in out.parent.iterdir()] == ["mask.nii.gz"]  # no temporary left
+    # Deflated by ISA-L: still a plain gzip stream of a NIfTI-1 file, which other readers take.
+    import gzip
+
+    import SimpleITK as sitk
+
+    assert gzip.decompress(out.read_bytes())[:4] == (348).to_bytes(4, "little")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))).transpose(2, 1, 0), mask)
 
 
 def test_write_mask_refuses_wrong_grid_without_output(tmp_path: Path) -> None:
