@@ -1,6 +1,6 @@
-"""The batch runner behind ``liverseg infer``: which cases, where their outputs go, one case read,
-predicted and written (mask, sidecar with QC, optional probabilities, preview and DICOM SEG),
-resume and sharding.
+"""The batch runner behind ``liverseg infer``: one case read (the next one read ahead), predicted
+and written (mask, sidecar with QC, optional probabilities, preview and DICOM SEG), resume. Which
+cases there are and where their outputs go (sharding included) is :mod:`liverseg.jobs`.
 
 Finished cases (mask and sidecar present; the sidecar is written last, atomically) are skipped; a
 failing case is recorded and the batch goes on. Each case is claimed (``atomic.claimed``) while it
@@ -24,9 +24,14 @@ from liverseg import qc
 from liverseg.bundle import Bundle
 from liverseg.errors import LiversegError
 from liverseg.infer import predict_volume, resolve_device, timed
-from liverseg.io import NIFTI_SUFFIXES, Volume, case_name, write_mask, write_text_atomic
-
-DEFAULT_OUTPUT = Path("liverseg_out")
+from liverseg.io import Volume, write_mask, write_text_atomic
+from liverseg.jobs import (
+    CaseJob,
+    check_dicom_seg_inputs,
+    finished,
+    plan_jobs,
+    sidecar_flags,
+)
 
 
 @dataclass
@@ -79,113 +84,6 @@ class InferReport:
         return {"model_id": self.model_id, "model_version": self.model_version,
                 "done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
                 "cases": [asdict(c) for c in self.cases]}
-
-
-@dataclass(frozen=True)
-class CaseJob:
-    case: str
-    image: Path
-    mask: Path
-
-    @property
-    def sidecar(self) -> Path:
-        return _sibling(self.mask, ".json")
-
-    @property
-    def probabilities(self) -> Path:
-        return _sibling(self.mask, "_probabilities.nii.gz")
-
-    @property
-    def preview(self) -> Path:
-        return _sibling(self.mask, ".png")
-
-    @property
-    def dicom_seg(self) -> Path:
-        return _sibling(self.mask, "_seg.dcm")
-
-
-def _sibling(mask: Path, suffix: str) -> Path:
-    name = mask.name
-    for ext in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return mask.with_name(name + suffix)
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'I/N' (0 <= I < N, as Slurm array and Kubernetes indexed-job indices) -> (I, N)."""
-    if text is None:
-        return None
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise LiversegError(f"--shard must look like I/N (e.g. 0/4), got '{text}'") from None
-    if count < 1 or not 0 <= index < count:
-        raise LiversegError(f"--shard {text}: need N >= 1 and 0 <= I < N")
-    return index, count
-
-
-def collect_cases(inputs: list[Path]) -> list[tuple[str, Path]]:
-    """(case name, image path) for every input file, DICOM series folder or folder of those."""
-    from liverseg.datasets import find_dataset
-
-    cases: list[tuple[str, Path]] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_file() and path.suffix.lower() != ".csv":
-            cases.append((case_name(path), path))  # read (and judged) later, as its own case
-            continue
-        if not path.exists():
-            raise LiversegError("input not found; check the path", path)
-        dataset = find_dataset(path)
-        cases.extend((c.case_id, c.image) for c in dataset.cases)
-    names = [name for name, _ in cases]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise LiversegError(f"several inputs share the case name(s) {', '.join(duplicates[:5])}; "
-                            "their outputs would overwrite each other, rename or run them apart")
-    return cases
-
-
-def plan_jobs(inputs: list[Path], output: Path | None, shard: tuple[int, int] | None = None) -> list[CaseJob]:
-    """Where each case's mask goes: OUT itself for one input and OUT ending in .nii/.nii.gz,
-    else OUT/<case>.nii.gz (default ./liverseg_out/)."""
-    cases = collect_cases(inputs)
-    single_file = output is not None and output.name.lower().endswith(NIFTI_SUFFIXES)
-    if single_file and len(cases) != 1:
-        raise LiversegError(f"-o names one mask file but there are {len(cases)} cases; give a folder",
-                            output)
-    folder = output if output is not None else DEFAULT_OUTPUT
-    jobs = [CaseJob(name, image, output if single_file else folder / f"{name}.nii.gz")  # type: ignore[arg-type]
-            for name, image in sorted(cases)]
-    if shard is not None:
-        index, count = shard
-        jobs = jobs[index::count]
-    return jobs
-
-
-def _finished(job: CaseJob, dicom_seg: bool = False) -> bool:
-    # The sidecar is written last (atomically), so its presence means the case is complete.
-    return job.mask.is_file() and job.sidecar.is_file() and (not dicom_seg or job.dicom_seg.is_file())
-
-
-def _sidecar_flags(job: CaseJob) -> list[str] | None:
-    """The QC flags recorded by an earlier run (None when that sidecar has none)."""
-    try:
-        flags = json.loads(job.sidecar.read_text(encoding="utf-8")).get("qc", {}).get("flags")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return list(flags) if isinstance(flags, list) else None
-
-
-def check_dicom_seg_inputs(jobs: list[CaseJob]) -> None:
-    """--dicom-seg needs a DICOM series to reference: refuse any other input before any work."""
-    for job in jobs:
-        if not job.image.is_dir():
-            raise LiversegError("--dicom-seg needs a DICOM series folder as input, but this is a file "
-                                "(no series for a SEG to reference); leave out --dicom-seg or give "
-                                "the series folder", job.image)
 
 
 def _write_probabilities(probabilities: np.ndarray, reference: Volume, path: Path) -> None:
@@ -350,7 +248,7 @@ def run_inference(inputs: list[Path], output: Path | None, *, model: Path | None
     jobs = plan_jobs(inputs, output, shard)
     if dicom_seg:
         check_dicom_seg_inputs(jobs)
-    with ReadAhead([job for job in jobs if force or not _finished(job, dicom_seg)]) as reader:
+    with ReadAhead([job for job in jobs if force or not finished(job, dicom_seg)]) as reader:
         if lean_import:  # the CLI's own process (liverseg.monai_import)
             from liverseg.monai_import import import_monai_for_inference
 
@@ -374,10 +272,10 @@ def _run_jobs(jobs: list[CaseJob], bundle: Bundle, reader: ReadAhead, *, device:
     report = InferReport(model_id=bundle.model_id, model_version=bundle.model_version)
     remove_stale_parts(*sorted({job.mask.parent for job in jobs}))  # left by runs that were killed
     iterable: Iterable[CaseJob] = progress(jobs, len(jobs)) if progress is not None else jobs
-    for job, todo in claimed(iterable, lambda j: j.mask, lambda j: _finished(j, dicom_seg), force=force):
+    for job, todo in claimed(iterable, lambda j: j.mask, lambda j: finished(j, dicom_seg), force=force):
         if not todo:
             report.cases.append(CaseResult(job.case, str(job.image), str(job.mask), "skipped",
-                                           qc_flags=_sidecar_flags(job)))
+                                           qc_flags=sidecar_flags(job)))
             continue
         start = time.perf_counter()
         try:

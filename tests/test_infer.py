@@ -305,8 +305,9 @@ def test_batch_resumes_shards_and_survives_a_bad_case(tiny_bundle: Path, small_c
 def test_read_ahead_gives_each_case_its_own_volume_and_error(small_ct: Path, tmp_path: Path) -> None:
     """The batch reads the next CT in the background: each case still gets its own volume, a bad
     file's error comes out when its case is taken, and a case taken out of order is read then."""
-    from liverseg.batch import CaseJob, ReadAhead
+    from liverseg.batch import ReadAhead
     from liverseg.errors import LiversegError
+    from liverseg.jobs import CaseJob
 
     paths = [_copy_ct(small_ct, tmp_path / f"{name}.nii.gz", crop=4 * i) for i, name in enumerate("abc")]
     broken = tmp_path / "broken.nii.gz"

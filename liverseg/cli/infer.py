@@ -12,7 +12,8 @@ import typer
 from liverseg.cli.common import EXIT_BAD_INPUT, emit_json, friendly_errors, progress
 
 if TYPE_CHECKING:
-    from liverseg.batch import CaseJob, CaseResult
+    from liverseg.batch import CaseResult
+    from liverseg.jobs import CaseJob
 
 
 class Precision(str, Enum):  # infer.precision's values (liverseg.config.InferConfig)
@@ -60,7 +61,8 @@ def command(
     skipped (--force redoes them); a bad case is reported and the batch goes on; the exit code
     is 2 if any case failed.
     """
-    from liverseg.batch import parse_shard, run_inference
+    from liverseg.batch import run_inference
+    from liverseg.jobs import parse_shard
 
     def bar(items: Iterable[CaseJob], total: int) -> Iterable[CaseJob]:
         return progress(items, total=total, desc="infer", quiet=quiet or as_json)
