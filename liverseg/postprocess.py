@@ -61,12 +61,27 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 def _tumours_touching_liver(labels: np.ndarray) -> np.ndarray:
     """Tumour voxels whose connected tumour component shares a face with a liver voxel."""
     tumour = labels == TUMOUR
-    components, count = ndimage.label(tumour, structure=_FACES)
-    if count == 0:
+    if not tumour.any():
         return tumour
-    near_liver = ndimage.binary_dilation(labels == LIVER, structure=_FACES)
-    touching = np.unique(components[near_liver & tumour])
-    return np.isin(components, touching[touching > 0])
+    box = _box(tumour)  # a one-voxel margin holds every face neighbour of a tumour voxel
+    sub, sub_tumour = labels[box], tumour[box]
+    components, _ = ndimage.label(sub_tumour, structure=_FACES)
+    # The six face neighbours of each tumour voxel, looked up directly: the same answer as dilating
+    # the liver over the whole box, at a fraction of the cost (tumour voxels are few).
+    where = np.nonzero(sub_tumour)
+    touching_voxel = np.zeros(where[0].size, dtype=bool)
+    for axis in range(labels.ndim):
+        for step in (-1, 1):
+            neighbour = list(where)
+            neighbour[axis] = where[axis] + step
+            inside = (neighbour[axis] >= 0) & (neighbour[axis] < sub.shape[axis])
+            touching_voxel[inside] |= sub[tuple(n[inside] for n in neighbour)] == LIVER
+    keep = np.zeros(int(components.max()) + 1, dtype=bool)
+    keep[components[where][touching_voxel]] = True
+    keep[0] = False
+    out = np.zeros_like(tumour)
+    out[box] = keep[components]
+    return out
 
 
 def postprocess_labels(labels: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
@@ -88,6 +103,7 @@ def postprocess_labels(labels: np.ndarray, cfg: PostprocessConfig) -> np.ndarray
         filled = _fill_holes(sub > 0)
         sub[filled & (sub == 0)] = LIVER
         tumour = sub == TUMOUR
-        if tumour.any():
-            sub[_fill_holes(tumour)] = TUMOUR
+        if tumour.any():  # a tumour's cavities lie in its box (with a margin: _box)
+            tumour_box = _box(tumour)
+            sub[tumour_box][_fill_holes(tumour[tumour_box])] = TUMOUR
     return out
