@@ -18,6 +18,9 @@ Flags:
 * ``liver_hu_unusual``: mean parenchyma HU outside the range for the phase.
 * ``thick_slices``: voxels longer than 5 mm along some axis.
 * ``small_extent``: less than 100 mm of the body covered along the slice axis.
+* ``input_doubtful``: the reader accepted the input with a warning (``Volume.warnings``: a NIfTI
+  whose qform and sform disagree or whose pixdim is invalid, a DICOM folder of several series),
+  so which image and geometry were used deserves a look too.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ COARSE_MM = 4.0  # the grid of the anatomical checks (lungs, diaphragm): the mod
 
 FLAGS = ("liver_volume_implausible", "liver_cut_by_field_of_view", "liver_above_diaphragm",
          "several_large_components", "low_confidence", "liver_hu_unusual", "thick_slices",
-         "small_extent")
+         "small_extent", "input_doubtful")
 _FACES = ndimage.generate_binary_structure(3, 1)
 
 
@@ -246,6 +249,9 @@ def assess(volume: Volume, labels: np.ndarray, model_measures: dict, stats: dict
         flags.append("thick_slices")
     if measures["craniocaudal_extent_mm"] < MIN_EXTENT_MM:
         flags.append("small_extent")
+    measures["input_warnings"] = len(volume.warnings)
+    if volume.warnings:
+        flags.append("input_doubtful")
     return {"flags": flags, "measures": measures}
 
 

@@ -152,6 +152,10 @@ def test_doubtful_header_is_read_with_warnings_in_sidecar_and_stderr(small_ct: P
         np.testing.assert_allclose(mask.affine, given.affine, atol=1e-5)
     # An ordinary image has an empty list (and no stderr line): the key is always there for QC.
     assert json.loads((out / "small.json").read_text())["warnings"] == []
+    # QC folds the warnings in: a doubtful input is flagged for a person to look at.
+    for name, flagged in (("doubtful", True), ("zero_pixdim", True), ("small", False)):
+        qc = json.loads((out / f"{name}.json").read_text())["qc"]
+        assert ("input_doubtful" in qc["flags"]) is flagged
 
 
 # ---------------------------------------------------------------------------------------------

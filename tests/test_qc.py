@@ -135,6 +135,10 @@ def test_input_and_intensity_flags() -> None:
     thick = Volume(np.full(shape, 110.0, dtype=np.float32), np.diag([0.8, 0.8, 8.0, 1.0]))
     report = assess_labels(thick, labels)
     assert "thick_slices" in report["flags"] and "small_extent" not in report["flags"]
+    assert "input_doubtful" not in report["flags"] and report["measures"]["input_warnings"] == 0
+    thick.warnings = ["qform and sform disagree by up to 3 mm; used the sform"]
+    report = assess_labels(thick, labels)
+    assert "input_doubtful" in report["flags"] and report["measures"]["input_warnings"] == 1
     short = Volume(np.full(shape, 110.0, dtype=np.float32), np.diag([0.8, 0.8, 2.0, 1.0]))
     report = assess_labels(short, labels)
     assert "small_extent" in report["flags"] and report["measures"]["craniocaudal_extent_mm"] == 80.0
