@@ -136,6 +136,16 @@ def train(
         _train_stage(work, {name: name for name in others}, device, budget, same)
 
 
+def _finished(run_dir: Path, overrides: list[str]) -> bool:
+    """Whether a run already did the steps its stage plans (an explicit train.iterations); a
+    finished stage is not resumed, so the stage after it keeps the weights it started from."""
+    planned = [int(item.split("=", 1)[1]) for item in overrides if item.startswith("train.iterations=")]
+    card = run_dir / "model_card.json"
+    if not planned or not card.is_file():
+        return False
+    return int(json.loads(card.read_text()).get("iterations") or 0) >= planned[-1]
+
+
 def _train_stage(
     work: Path, folders: dict[str, str], device: str, budget: float | None, overrides: dict[str, list[str]]
 ) -> None:
@@ -147,6 +157,9 @@ def _train_stage(
         approach, _ = table[name]
         spec = APPROACHES[approach]
         run_dir = work / "runs" / folder
+        if _finished(run_dir, overrides[name]):
+            print(f"{folder}: finished, skipped", flush=True)
+            continue
         cmd = [
             sys.executable,
             "-m",
@@ -169,7 +182,7 @@ def _train_stage(
         if budget is not None:  # fit the schedule to the time: the runs end together
             cmd += ["--set", f"train.max_seconds={budget}", "--set", "train.fit_to_time=true"]
         if (run_dir / "checkpoints" / "last.pt").is_file():
-            cmd.append("--resume")  # a finished run resumes as a no-op that rewrites its bundle
+            cmd.append("--resume")
         commands[folder], logs[folder] = cmd, work / "logs" / f"{folder}.log"
     exit_if_failed(run_side_by_side(commands, logs), f"{work}/logs/<run>.log")
 
