@@ -116,20 +116,24 @@ def read_case(job: CaseJob) -> CaseInput:
 
 class ReadAhead:
     """Reads the next case's CT in a background thread: the first while the network loads, each
-    next one while the case before it is segmented. Inflating and converting a CT runs mostly
-    outside the GIL, so the read overlaps with importing MONAI or with the single-threaded
-    stages; at most one volume waits in memory. A read's error comes out of :meth:`take`."""
+    next one once the network is done with the case before it (:meth:`start_next`), so that the
+    read runs beside that case's single-threaded stages (resampling, postprocessing, QC, writing)
+    on the core they leave idle, not against the network's threads. Inflating and converting a CT
+    runs mostly outside the GIL; at most one volume waits in memory. A read's error comes out of
+    :meth:`take`."""
 
     def __init__(self, jobs: list[CaseJob]) -> None:
         self._order = {job: i for i, job in enumerate(jobs)}
         self._jobs = jobs
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="liverseg-read")
         self._pending: tuple[CaseJob, Future[CaseInput]] | None = None
+        self._following: int | None = None
         if jobs:
             self._pending = (jobs[0], self._pool.submit(read_case, jobs[0]))
 
     def take(self, job: CaseJob) -> CaseInput:
-        """``job``'s input (read now if it was not read ahead); starts reading the case after it."""
+        """``job``'s input (read now if it was not read ahead); :meth:`start_next` then reads the
+        case after it."""
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] == job:
             future = pending[1]
@@ -137,12 +141,14 @@ class ReadAhead:
             if pending is not None:
                 pending[1].cancel()
             future = self._pool.submit(read_case, job)
-        try:
-            return future.result()
-        finally:
-            following = self._order.get(job, len(self._jobs)) + 1
-            if following < len(self._jobs):
-                self._pending = (self._jobs[following], self._pool.submit(read_case, self._jobs[following]))
+        self._following = self._order.get(job, len(self._jobs)) + 1
+        return future.result()
+
+    def start_next(self) -> None:
+        """Start reading the case after the one last taken; once (later calls do nothing)."""
+        following, self._following = self._following, None
+        if following is not None and following < len(self._jobs) and self._pending is None:
+            self._pending = (self._jobs[following], self._pool.submit(read_case, self._jobs[following]))
 
     def __enter__(self) -> ReadAhead:
         return self
@@ -165,10 +171,15 @@ def infer_case(job: CaseJob, bundle: Bundle, *, device: str = "cpu", overlap: fl
     timings: dict[str, float] = {}
     start = time.perf_counter()
     volume, contrast, timings["read"] = reader.take(job) if reader is not None else read_case(job)
-    prediction = predict_volume(volume, bundle, device=device, overlap=overlap, tta=tta,
-                                sw_batch_size=sw_batch_size, keep_probabilities=save_probabilities,
-                                postprocess=None if postprocess else False, contrast=contrast,
-                                precision=precision)
+    try:
+        prediction = predict_volume(volume, bundle, device=device, overlap=overlap, tta=tta,
+                                    sw_batch_size=sw_batch_size, keep_probabilities=save_probabilities,
+                                    postprocess=None if postprocess else False, contrast=contrast,
+                                    precision=precision,
+                                    on_predicted=reader.start_next if reader is not None else None)
+    finally:
+        if reader is not None:
+            reader.start_next()  # also when the case failed before its network was done
     seg_info = None
     timings.update(prediction.timings)
     # The sidecar marks a finished case: remove an earlier run's first, so that a crash while the

@@ -14,7 +14,7 @@ shrunk to the (stride-padded) image so a small image is not padded up to a full 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -221,13 +221,16 @@ def predict_volume(volume: Volume, bundle: Bundle, *, device: str = "cpu", overl
                    tta: bool | None = None, sw_batch_size: int | None = None,
                    keep_probabilities: bool = False, postprocess: PostprocessConfig | bool | None = None,
                    check_intensities: bool = True, contrast: bool | None = None,
-                   precision: str | None = None) -> Prediction:
+                   precision: str | None = None,
+                   on_predicted: Callable[[], None] | None = None) -> Prediction:
     """Segment one CT volume with a bundle; labels come back on exactly the input's grid.
 
     ``overlap``, ``tta`` and ``sw_batch_size`` default to the bundle's plan. ``postprocess``:
     None uses the plan's choices, False turns all steps off, or pass a config. ``contrast``
     (True: contrast-enhanced, None: unknown) sets the HU range the QC expects of the liver.
     ``precision``: the network's arithmetic, default the plan's (:func:`resolve_precision`).
+    ``on_predicted`` is called once the network is done (the batch runner starts reading the next
+    CT then, beside the single-threaded stages that follow).
     """
     timings: dict[str, float] = {}
     precision = resolve_precision(precision or bundle.plan.infer.precision, device)
@@ -239,6 +242,8 @@ def predict_volume(volume: Volume, bundle: Bundle, *, device: str = "cpu", overl
         probs = model_probabilities(image, bundle, device=device, overlap=overlap, tta=tta,
                                     sw_batch_size=sw_batch_size, precision=precision)
     del image
+    if on_predicted is not None:
+        on_predicted()
     nested = bundle.plan.infer.nested_classes
     with timed(timings, "qc"):  # on the small model grid, before postprocessing
         model_qc = qc.model_space_measures(probs, record.model_spacing, nested)
