@@ -37,16 +37,17 @@ def import_monai_for_inference() -> bool:
     try:
         for module in INFERENCE_MODULES:
             importlib.import_module(module)
-    except ImportError:  # a MONAI that needs one of them after all: import it as installed
+        lean = True
+    except ImportError:  # a MONAI that needs one of them after all: forget the partial import
         for name in [m for m in sys.modules if m == "monai" or m.startswith("monai.")]:
             del sys.modules[name]
-        _unhide(hidden)
-        for module in INFERENCE_MODULES:
-            importlib.import_module(module)
-        return False
+        lean = False
     finally:
         _unhide(hidden)
-    return True
+    if not lean:  # ... and import it as installed
+        for module in INFERENCE_MODULES:
+            importlib.import_module(module)
+    return lean
 
 
 def _unhide(names: list[str]) -> None:

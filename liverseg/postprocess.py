@@ -63,22 +63,14 @@ def _tumours_touching_liver(labels: np.ndarray) -> np.ndarray:
     tumour = labels == TUMOUR
     if not tumour.any():
         return tumour
-    box = _box(tumour)  # a one-voxel margin holds every face neighbour of a tumour voxel
-    sub, sub_tumour = labels[box], tumour[box]
-    components, _ = ndimage.label(sub_tumour, structure=_FACES)
-    # The six face neighbours of each tumour voxel, looked up directly: the same answer as dilating
-    # the liver over the whole box, at a fraction of the cost (tumour voxels are few).
-    where = np.nonzero(sub_tumour)
-    touching_voxel = np.zeros(where[0].size, dtype=bool)
-    for axis in range(labels.ndim):
-        for step in (-1, 1):
-            neighbour = list(where)
-            neighbour[axis] = where[axis] + step
-            inside = (neighbour[axis] >= 0) & (neighbour[axis] < sub.shape[axis])
-            touching_voxel[inside] |= sub[tuple(n[inside] for n in neighbour)] == LIVER
-    keep = np.zeros(int(components.max()) + 1, dtype=bool)
-    keep[components[where][touching_voxel]] = True
-    keep[0] = False
+    # Inside the tumours' box (its one-voxel margin holds every face neighbour of a tumour voxel),
+    # not the whole foreground: the same answer for a fraction of the dilation's cost.
+    box = _box(tumour)
+    sub_tumour = tumour[box]
+    components, count = ndimage.label(sub_tumour, structure=_FACES)
+    near_liver = ndimage.binary_dilation(labels[box] == LIVER, structure=_FACES)
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[components[near_liver & sub_tumour]] = True  # tumour voxels only: never label 0
     out = np.zeros_like(tumour)
     out[box] = keep[components]
     return out

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from liverseg.errors import LiversegError
+from liverseg.postprocess import TUMOUR
 
 if TYPE_CHECKING:
     from liverseg.bundle import Bundle
 
 TEACHER_KEY = "teacher"
-TUMOUR_CLASS = 2
 
 
 def teacher_probability(image: Path, bundle: Bundle) -> np.ndarray:
@@ -103,7 +103,7 @@ def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor,
     log_background = logits[:, :1] - log_all
     target = teacher.float().clamp(0.0, 1.0)
     if label is not None:
-        tumour = (label.view_as(target) == TUMOUR_CLASS).float()
+        tumour = (label.view_as(target) == TUMOUR).float()
         target = torch.maximum(target, tumour)
     return -(target * log_foreground + (1.0 - target) * log_background).mean()
 
