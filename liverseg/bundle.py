@@ -60,13 +60,15 @@ def save_bundle(directory: str | Path, plan: Config, state_dict: dict[str, torch
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     # DynUNet's state_dict names the same tensors under several keys (skip_layers alias the
-    # encoder); convert each storage once so the aliases stay shared and are saved once.
-    converted: dict[int, torch.Tensor] = {}
+    # encoder); convert each storage once so the aliases stay shared and are saved once. Aliases
+    # are found on the source tensors: a GPU tensor's copy to the CPU is a fresh allocation whose
+    # address the next copy may reuse, so the copies' addresses would pair unrelated weights.
+    converted: dict[tuple[str, int], torch.Tensor] = {}
     compact = {}
     for key, value in state_dict.items():
-        tensor = value.detach().to("cpu")
-        ident = tensor.data_ptr()
+        ident = (str(value.device), value.data_ptr())
         if ident not in converted:
+            tensor = value.detach().to("cpu")
             converted[ident] = tensor.half() if tensor.is_floating_point() else tensor
         compact[key] = converted[ident]
     # Serialised in memory first: torch.save names the zip's records after the file it writes,

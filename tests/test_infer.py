@@ -401,3 +401,28 @@ def test_saving_the_same_weights_twice_gives_the_same_bytes(tmp_path: Path) -> N
     loaded = load_bundle(tmp_path / "a").network.state_dict()
     assert all(torch.equal(loaded[k], state[k].half().float()) for k in state
                if state[k].is_floating_point())
+
+
+def test_weights_trained_on_another_device_are_saved_under_their_own_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: on a GPU each tensor's copy to the CPU is a fresh, short-lived allocation, so
+    its address is reused by the next copy; aliases must be found on the source tensors, or one
+    weight is saved under another's name (GPU-trained bundles then failed to load)."""
+    import torch
+
+    cfg = Config(model=ModelConfig(filters=[8, 16, 32, 64], kernel_size=[3, 3, 3, 3],
+                                   strides=[1, 2, 2, 2], deep_supr_num=1))
+    state = build_network(cfg.model).state_dict()
+    original_to = torch.Tensor.to
+
+    def copying_to(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        # what .to("cpu") does to a CUDA tensor: a new tensor, never the source's storage
+        return original_to(self, *args, **kwargs).clone()
+
+    monkeypatch.setattr(torch.Tensor, "to", copying_to)
+    save_bundle(tmp_path / "gpu", cfg, state)
+    monkeypatch.undo()
+    loaded = load_bundle(tmp_path / "gpu").network.state_dict()
+    assert all(torch.equal(loaded[k], state[k].half().float()) for k in state
+               if state[k].is_floating_point())
