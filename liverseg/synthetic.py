@@ -52,6 +52,21 @@ def _texture(shape: tuple[int, ...], rng: np.random.RandomState) -> np.ndarray:
     return texture * (rng.uniform(0.01, 0.05) / max(float(texture.std()), 1e-6))
 
 
+def depth_inside(mask: np.ndarray) -> np.ndarray:
+    """Each voxel's distance (in voxels) to the nearest voxel outside ``mask``: SciPy's exact EDT,
+    run on the mask's bounding box grown by one voxel. Same values as on the whole array (that
+    border is outside the mask, and any outside voxel beyond it is farther than the border), at
+    about a tenth of the cost on a training patch, where the liver fills a small part."""
+    boxes = ndimage.find_objects(mask.astype(np.uint8))
+    depth = np.zeros(mask.shape)
+    if not boxes:
+        return depth
+    grown = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n))
+                  for b, n in zip(boxes[0], mask.shape, strict=True))
+    depth[grown] = ndimage.distance_transform_edt(mask[grown])
+    return depth
+
+
 def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomState, *,
                  min_radius: float = 3.0, max_radius: float = 18.0, bulge: bool = False) -> bool:
     """Paint one tumour into (X, Y, Z) ``image``/``label`` in place; False if there is no liver.
@@ -69,7 +84,7 @@ def paint_tumour(image: np.ndarray, label: np.ndarray, rng: np.random.RandomStat
     if bulge:
         # Centred 0.3 to 0.6 radii inside the surface: a cap of the mass (less than half of it)
         # sticks out, as in a tumour that deforms the liver's outline rather than sits beside it.
-        depth = ndimage.distance_transform_edt(label > 0)
+        depth = depth_inside(label > 0)
         near_surface = np.flatnonzero(liver & (depth >= 0.3 * radius) & (depth <= 0.6 * radius))
         if near_surface.size:
             candidates = near_surface

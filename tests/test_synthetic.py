@@ -16,6 +16,7 @@ from liverseg.synthetic import (
     TUMOUR,
     RandSyntheticDecoyd,
     RandSyntheticTumourd,
+    depth_inside,
     paint_decoy,
     paint_tumour,
 )
@@ -157,3 +158,18 @@ def test_training_patches_of_real_ct_get_decoys(small_liver_cache: Path) -> None
         assert not (changed & (before["label"] > 0)).any()
         painted += int(changed.sum())
     assert painted > 100, painted
+
+
+def test_depth_inside_equals_scipys_edt_on_the_whole_array() -> None:
+    """The bounding-box shortcut gives exactly the whole-array EDT: blobs inside, touching the
+    array's faces, filling it, and none at all."""
+    rng = np.random.default_rng(3)
+    masks = []
+    for _ in range(20):
+        noise = ndimage.gaussian_filter(rng.normal(size=(40, 36, 30)), 3.0)
+        masks.append(noise > np.quantile(noise, rng.uniform(0.6, 0.97)))
+    edge = np.zeros((20, 20, 20), bool)
+    edge[:, 5:12, 14:] = True  # touches three faces
+    masks += [edge, np.ones((8, 9, 10), bool), np.zeros((8, 9, 10), bool)]
+    for mask in masks:
+        assert np.array_equal(depth_inside(mask), ndimage.distance_transform_edt(mask))
