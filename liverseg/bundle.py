@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from liverseg.config import Config
+from liverseg.config import Config, ModelConfig
 from liverseg.errors import LiversegError
 from liverseg.io import atomic_path, write_text_atomic
 from liverseg.networks import build_network, for_inference
@@ -170,3 +170,27 @@ def load_bundle(directory: str | Path | None = None, device: str | torch.device 
             card = {}
     return Bundle(path=path, plan=plan, network=network, card=card,
                   weights_sha256=hashlib.sha256(raw).hexdigest())
+
+
+def average_bundles(members: list[str | Path], directory: str | Path, card: dict | None = None) -> Path:
+    """Write one bundle whose weights are the mean of ``members``' weights.
+
+    Meant for the stages of one training run: a later stage continues from an earlier one, so
+    their weights stay in one basin and their mean is a single network, as fast as either, that
+    generalises at least as well (weight averaging, as in SWA and "model soups", Wortsman et al.,
+    ICML 2022). Members share the architecture and the preprocessing; the plan is the last one's.
+    """
+    bundles = [load_bundle(member) for member in members]
+    last = bundles[-1]
+
+    def network_and_preprocessing(plan: Config) -> tuple[ModelConfig, object]:
+        return plan.model.model_copy(update={"pretrained": None}), plan.preprocess
+
+    for bundle in bundles:
+        if network_and_preprocessing(bundle.plan) != network_and_preprocessing(last.plan):
+            raise LiversegError(f"cannot average with {last.path}: the network or the preprocessing "
+                                "differs", bundle.path)
+    states = [bundle.network.state_dict() for bundle in bundles]
+    mean = {key: torch.stack([state[key] for state in states]).mean(0) if value.is_floating_point()
+            else value for key, value in states[-1].items()}
+    return save_bundle(directory, last.plan, mean, card=card)
