@@ -490,112 +490,20 @@ def _cv_table(work: Path, approach: str) -> dict[str, dict[str, dict]]:
 
 
 def package(work: Path, approach: str) -> Path:
-    """The approach's final run -> liverseg/models/liver_default, with a card from the evaluations."""
-    from liverseg import __version__
-    from liverseg.bundle import CARD_FILE, load_bundle, save_bundle
+    """The approach's final run -> liverseg/models/liver_default (pipelines/default_v2_card.py)."""
+    from default_v2_card import package as package_bundle
 
-    final = model_dir(work, f"{approach}_final")
-    bundle = load_bundle(final)
-    train_card = json.loads((final / CARD_FILE).read_text())
-    table = _cv_table(work, approach)
-    quick = json.loads((work / "quick_cv.json").read_text()) if (work / "quick_cv.json").is_file() else None
-    voxel = "x".join(f"{v:g}" for v in bundle.plan.preprocess.target_spacing) + " mm"
-    card = {
-        "name": "liver_default",
-        "version": f"{__version__}-v2-{time.strftime('%Y%m%d')}",
-        "description": f"Liver and liver-tumour segmentation of CT at {voxel} voxels, CPU-first (v2: "
-        "robustness augmentation and the imported Tang et al. 2020 model as a teacher).",
-        "labels": {"0": "background", "1": "liver", "2": "tumour"},
-        "trained_on": train_card["trained_on"]["train_cases"],
-        "data": {
-            "ircadb01, ircadb07": "3D-IRCADb-01 (IRCAD), expert labels, CC BY-NC-ND 4.0",
-            "chaos01, chaos03": "CHAOS (Kavur et al., Medical Image Analysis 2021; data "
-            "doi:10.5281/zenodo.3431873), expert liver labels, CC BY-SA 4.0 / CC BY-NC-SA 4.0 as "
-            "sources differ",
-            "tsexample": "TotalSegmentator example CT (Apache-2.0), liver labels made by "
-            "TotalSegmentator --fast",
-            "teacher": "liver_tang2020: pyliverlesionseg 0.3 (KU Leuven, Apache-2.0; Tang et al., "
-            "EJNMMI Research 2020), soft liver targets on the training CTs"
-            if approach == "distill"
-            else "none",
-        },
-        "licence": "Research use only, non-commercial: trained on 3D-IRCADb-01 (CC BY-NC-ND 4.0) and CHAOS "
-        "(non-commercial share-alike as some sources state it).",
-        "command": "python pipelines/train_default_v2.py prepare|train|quick-cv|evaluate|package "
-        f"(approach {approach})",
-        "config": APPROACHES[approach]["config"],
-        "training": {key: train_card.get(key) for key in ("iterations", "seconds", "cpu_seconds", "machine")},
-        "approaches_compared": quick,
-        "cross_validation": {
-            "protocol": "each expert case held out once (tsexample always trains); last weights; the "
-            "held-out case on its native grid after postprocessing, clean and after three fixed shifts "
-            "(pipelines/train_default_v2.py: arterial phase, 5 mm slices, field of view cut 30% "
-            "of the liver's height below the dome); the teacher scored the same way",
-            "per_case": table,
-        },
-        "limits": [
-            "Four expert CTs (two healthy livers, two with tumours): expect errors on anatomy unlike them.",
-            "Tumour segmentation is weak (two training cases with tumours, plus synthetic ones).",
-            f"{voxel} voxels: small structures and the liver's thin edges are approximate.",
-            "chaos03 is the only case the teacher cannot have seen; ircadb figures of the teacher "
-            "are contaminated.",
-        ],
-    }
-    lines = [
-        f"# {card['name']} ({card['version']})",
-        "",
-        card["description"],
-        "",
-        f"**Licence:** {card['licence']}",
-        "",
-        "## Data",
-        *(f"- {k}: {v}" for k, v in card["data"].items()),
-        "",
-        "## Training",
-        f"- recipe: `{card['config']}`; command: `{card['command']}`",
-        *(f"- {k}: {v}" for k, v in card["training"].items()),
-        "",
-        "## Held-out liver Dice (native grid), beside the teacher",
-        "",
-        "| case | clean | arterial | 5 mm slices | field of view cut | tumour Dice |",
-        "|---|---|---|---|---|---|",
-    ]
-    for case, shifts in table.items():
-        cells = []
-        for shift in SHIFTS:
-            entry = shifts.get(shift, {})
-            model, teacher = entry.get("model"), entry.get("teacher")
-            cell = f"{model['liver_dice']:.3f}" if model else "-"
-            cells.append(cell + (f" ({teacher['liver_dice']:.3f})" if teacher else ""))
-        tumour = shifts.get("clean", {}).get("model", {}).get("tumour_dice")
-        lines.append(f"| {case} | " + " | ".join(cells) + f" | {tumour if tumour is not None else '-'} |")
-    lines += [
-        "",
-        "(in brackets: the teacher, liver_tang2020, on the same input)",
-        "",
-        "## Known limits",
-        *(f"- {item}" for item in card["limits"]),
-        "",
-    ]
-    target = REPO / "liverseg" / "models" / "liver_default"
-    if target.exists():
-        shutil.rmtree(target)
-    save_bundle(
-        target,
-        bundle.plan,
-        bundle.network.state_dict(),
-        card=json.loads(json.dumps(card, default=float)),
-        card_markdown="\n".join(lines),
-    )
-    print(f"packaged {target}")
-    return target
+    return package_bundle(model_dir(work, f"{approach}_final"), _cv_table(work, approach), approach,
+                          APPROACHES[approach]["config"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["prepare", "train", "quick-cv", "collect", "evaluate", "package"])
+    parser.add_argument(
+        "stage", choices=["prepare", "train", "quick-cv", "collect", "evaluate", "package", "card"]
+    )
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", type=float, default=None, help="seconds each training run may take")
@@ -628,6 +536,10 @@ def main() -> None:
         evaluate(args.work, args.approach or "distill", tuple(args.shifts))
     elif args.stage == "package":
         package(args.work, args.approach or "distill")
+    elif args.stage == "card":  # after pipelines/bench_infer.py timed the packaged weights
+        from default_v2_card import refresh_card
+
+        refresh_card()
     shutil.rmtree(args.work / "tmp", ignore_errors=True)
 
 

@@ -276,6 +276,9 @@ def refresh_card() -> None:
     from liverseg.io import write_text_atomic
 
     card = json.loads((PACKAGE_DIR / CARD_FILE).read_text())
+    recipe = card.get("recipe", "pipelines/train_shipped_model.py")
+    if recipe != "pipelines/train_shipped_model.py":
+        sys.exit(f"the shipped model comes from {recipe}: refresh its card with that recipe")
     card["inference"] = inference_figures(PACKAGE_DIR / "model.pt")
     if "per_case" not in card["inference"]:
         sys.exit(card["inference"]["status"])
