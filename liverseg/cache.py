@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from liverseg.atomic import atomic_path
 from liverseg.config import PreprocessConfig
 from liverseg.errors import LiversegError
 
@@ -91,3 +92,57 @@ def load_cached_case(cache_dir: str | Path, case_id: str) -> CachedCase:
         raise LiversegError(f"cached case is unreadable ({type(exc).__name__}); rerun "
                             "'liverseg preprocess' with --force", npz_path) from None
     return CachedCase(case_id=case_id, image=image, label=label, sidecar=sidecar, teacher=teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# Upkeep (by preprocess.py): samples, reuse on reruns, removal
+
+
+def save_sample(cache: Path, case_id: str, sample: np.ndarray) -> None:
+    with atomic_path(cache / SAMPLES_DIR / f"{case_id}.npy") as tmp, tmp.open("wb") as handle:
+        np.save(handle, sample)
+
+
+def load_sample(cache: Path, case_id: str) -> np.ndarray:
+    return np.load(cache / SAMPLES_DIR / f"{case_id}.npy")
+
+
+def reusable_sidecar(cache: Path, case_id: str, stamps: dict) -> dict | None:
+    """The sidecar of a complete earlier run of this case if its sources' ``stamps`` are unchanged."""
+    npz_path, json_path = case_paths(cache, case_id)
+    sample_path = cache / SAMPLES_DIR / f"{case_id}.npy"
+    if not (npz_path.is_file() and json_path.is_file() and sample_path.is_file()):
+        return None
+    try:
+        sidecar = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if sidecar.get("cache_version") != CACHE_VERSION or sidecar.get("sources") != stamps:
+        return None
+    return sidecar
+
+
+def remove_case(cache: Path, case_id: str) -> None:
+    for path in (*case_paths(cache, case_id), cache / SAMPLES_DIR / f"{case_id}.npy"):
+        if path.is_file():
+            path.unlink()
+
+
+def remove_orphans(cache: Path, keep: set[str]) -> None:
+    """Drop cached cases no longer in the dataset, so the cache matches preprocess.json."""
+    for folder, suffixes in ((cache / CASES_DIR, (".npz", ".json")), (cache / SAMPLES_DIR, (".npy",))):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.suffix in suffixes and not path.name.startswith(".") and path.stem not in keep:
+                path.unlink()
+
+
+def remove_empty_tree(path: Path) -> None:
+    if not path.is_dir():
+        return
+    for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+    if not any(path.iterdir()):
+        path.rmdir()

@@ -34,7 +34,13 @@ from liverseg.cache import (
     is_cache,
     list_cached_cases,
     load_cached_case,
+    load_sample,
     read_cache_config,
+    remove_case,
+    remove_empty_tree,
+    remove_orphans,
+    reusable_sidecar,
+    save_sample,
 )
 from liverseg.config import PreprocessConfig
 from liverseg.datasets import Case, Dataset, find_dataset
@@ -208,7 +214,7 @@ def _fingerprint_job(case: Case, labels: dict[int, str], cache_dir: str) -> dict
         entry, sample = fingerprint_entry(image, label, labels)
     except Exception as exc:
         return _case_error(case, "free memory or run with fewer --workers", exc)
-    _save_sample(Path(cache_dir), case.case_id, sample)
+    save_sample(Path(cache_dir), case.case_id, sample)
     return {"case_id": case.case_id, "entry": entry, "sample": sample}
 
 
@@ -226,7 +232,7 @@ def _case_job(case: Case, cfg_json: dict, labels: dict[int, str], cache_dir: str
     # The sidecar marks a complete case: an earlier run's goes first, so a crash while the new
     # files are written leaves the case incomplete rather than old sidecar + new arrays.
     json_path.unlink(missing_ok=True)
-    _save_sample(cache, case.case_id, sample)
+    save_sample(cache, case.case_id, sample)
     with atomic_path(npz_path) as tmp, tmp.open("wb") as handle:
         np.savez_compressed(handle, **arrays)
     # The sidecar goes last: its presence (with matching stamps and hash) marks a complete case.
@@ -234,10 +240,6 @@ def _case_job(case: Case, cfg_json: dict, labels: dict[int, str], cache_dir: str
     return {"case_id": case.case_id, "entry": sidecar["fingerprint"], "sample": sample,
             "warnings": sidecar["warnings"]}
 
-
-def _save_sample(cache: Path, case_id: str, sample: np.ndarray) -> None:
-    with atomic_path(cache / SAMPLES_DIR / f"{case_id}.npy") as tmp, tmp.open("wb") as handle:
-        np.save(handle, sample)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,22 +263,11 @@ def _stamps(case: Case) -> dict:
 
 def _previous(cache: Path, case: Case) -> dict | None:
     """The sidecar of a complete earlier run of this case if its sources are unchanged."""
-    npz_path, json_path = case_paths(cache, case.case_id)
-    sample_path = cache / SAMPLES_DIR / f"{case.case_id}.npy"
-    if not (npz_path.is_file() and json_path.is_file() and sample_path.is_file()):
-        return None
     try:
-        sidecar = json.loads(json_path.read_text(encoding="utf-8"))
-        current = _stamps(case)
-    except (OSError, json.JSONDecodeError):
+        stamps = _stamps(case)
+    except OSError:  # the source is gone: reported when the case is read
         return None
-    if sidecar.get("cache_version") != CACHE_VERSION or sidecar.get("sources") != current:
-        return None
-    return sidecar
-
-
-def _load_sample(cache: Path, case_id: str) -> np.ndarray:
-    return np.load(cache / SAMPLES_DIR / f"{case_id}.npy")
+    return reusable_sidecar(cache, case.case_id, stamps)
 
 
 def _run_jobs(func: Callable[..., dict], jobs: list[tuple], workers: int, desc: str,
@@ -346,7 +337,7 @@ def preprocess_dataset(dataset: str | Path, cache_dir: str | Path, cfg: Preproce
             prev = previous[c.case_id]
             if prev is not None:
                 entries[c.case_id] = prev["fingerprint"]
-                samples[c.case_id] = _load_sample(cache, c.case_id)
+                samples[c.case_id] = load_sample(cache, c.case_id)
         jobs = [(c, labels, str(cache)) for c in ds.cases if c.case_id not in entries]
         collect(_run_jobs(_fingerprint_job, jobs, workers, "fingerprint", quiet))
         if len(failed) < len(ds.cases):
@@ -366,7 +357,7 @@ def preprocess_dataset(dataset: str | Path, cache_dir: str | Path, cfg: Preproce
             report.skipped.append(c.case_id)
             entries[c.case_id] = prev["fingerprint"]
             if c.case_id not in samples:
-                samples[c.case_id] = _load_sample(cache, c.case_id)
+                samples[c.case_id] = load_sample(cache, c.case_id)
         else:
             jobs.append((c, resolved.model_dump(mode="json"), labels, str(cache), digest))
     results = _run_jobs(_case_job, jobs, workers, "preprocess", quiet)
@@ -377,15 +368,15 @@ def preprocess_dataset(dataset: str | Path, cache_dir: str | Path, cfg: Preproce
     for case_id in failed:  # a failed case leaves nothing, not even an earlier run's output
         entries.pop(case_id, None)
         samples.pop(case_id, None)
-        _remove_case(cache, case_id)
+        remove_case(cache, case_id)
     report.failed = [(case_id, failed[case_id]) for case_id in sorted(failed)]
 
     ok = [c.case_id for c in ds.cases if c.case_id not in failed]
     if not ok:
         if created:
-            _remove_empty_tree(cache)
+            remove_empty_tree(cache)
         return report
-    _remove_orphans(cache, set(ok))
+    remove_orphans(cache, set(ok))
     fingerprint = summarise_fingerprint({k: entries[k] for k in ok}, {k: samples[k] for k in ok},
                                         labels)
     report.fingerprint = fingerprint
@@ -401,32 +392,6 @@ def preprocess_dataset(dataset: str | Path, cache_dir: str | Path, cfg: Preproce
     }
     write_text_atomic(cache / CONFIG_FILE, json.dumps(meta, indent=1))
     return report
-
-
-def _remove_case(cache: Path, case_id: str) -> None:
-    for path in (*case_paths(cache, case_id), cache / SAMPLES_DIR / f"{case_id}.npy"):
-        if path.is_file():
-            path.unlink()
-
-
-def _remove_orphans(cache: Path, keep: set[str]) -> None:
-    """Drop cached cases no longer in the dataset, so the cache matches preprocess.json."""
-    for folder, suffixes in ((cache / CASES_DIR, (".npz", ".json")), (cache / SAMPLES_DIR, (".npy",))):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if path.suffix in suffixes and not path.name.startswith(".") and path.stem not in keep:
-                path.unlink()
-
-
-def _remove_empty_tree(path: Path) -> None:
-    if not path.is_dir():
-        return
-    for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if sub.is_dir() and not any(sub.iterdir()):
-            sub.rmdir()
-    if not any(path.iterdir()):
-        path.rmdir()
 
 
 __all__ = [
