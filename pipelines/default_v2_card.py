@@ -37,7 +37,8 @@ def unmet_bars(table: dict[str, dict[str, dict]]) -> list[str]:
     return missed
 
 
-def package(final: Path, table: dict[str, dict[str, dict]], approach: str, config: str) -> Path:
+def package(final: Path, table: dict[str, dict[str, dict]], approach: str, config: str,
+            expert_cases: list[str]) -> Path:
     """``final`` (the recipe's model trained on every case) -> liverseg/models/liver_default."""
     from liverseg import __version__
     from liverseg.bundle import CARD_FILE, load_bundle, save_bundle
@@ -45,7 +46,7 @@ def package(final: Path, table: dict[str, dict[str, dict]], approach: str, confi
     bundle = load_bundle(final)
     train_card = json.loads((final / CARD_FILE).read_text())
     voxel = "x".join(f"{v:g}" for v in bundle.plan.preprocess.target_spacing) + " mm"
-    missed = unmet_bars(table)
+    missed = unmet_bars(table) + [f"{case}: not held out yet" for case in expert_cases if case not in table]
     card = {
         "name": "liver_default",
         "version": f"{__version__}-v2-{time.strftime('%Y%m%d')}",

@@ -494,7 +494,7 @@ def package(work: Path, approach: str) -> Path:
     from default_v2_card import package as package_bundle
 
     return package_bundle(model_dir(work, f"{approach}_final"), _cv_table(work, approach), approach,
-                          APPROACHES[approach]["config"])
+                          APPROACHES[approach]["config"], EXPERT_CASES)
 
 
 def main() -> None:

@@ -43,9 +43,12 @@ def test_shipped_bundle_is_installed_small_and_documented() -> None:
     assert (path / WEIGHTS_FILE).stat().st_size <= 20 * 1024 * 1024
     card = json.loads((path / CARD_FILE).read_text())
     assert "non-commercial" in card["licence"]
+    # held-out Dice per expert case and condition (clean and simulated shifts), beside the teacher
     per_case = card["cross_validation"]["per_case"]
-    assert set(per_case) == {"ircadb01", "ircadb07"}
-    assert all(0.0 <= row["liver_dice"] <= 1.0 for row in per_case.values())
+    assert per_case and set(per_case) <= {"chaos01", "chaos03", "ircadb01", "ircadb07"}
+    for conditions in per_case.values():
+        assert 0.0 <= conditions["clean"]["model"]["liver_dice"] <= 1.0
+    assert card["status"] == "meets the v2 bars" or card["bars_missed"]
     assert (path / "model_card.md").is_file()
 
 
