@@ -107,6 +107,8 @@ def package(final: Path, table: dict[str, dict[str, dict]], approach: str, confi
 
 def card_markdown(card: dict) -> str:
     """The model card for people, from the card's JSON."""
+    from train_shipped_model import inference_markdown
+
     lines = [
         f"# {card['name']} ({card['version']})", "", card["description"], "",
         f"**Status:** {card['status']}", "", f"**Licence:** {card['licence']}", "", "## Data",
@@ -134,16 +136,7 @@ def card_markdown(card: dict) -> str:
     lines += ["", "(in brackets: the teacher, liver_tang2020, on the same input)"]
     if card["bars_missed"]:
         lines += ["", "Bars of the v2 issue not met yet:", *(f"- {item}" for item in card["bars_missed"])]
-    lines += ["", "## Inference speed and memory"]
-    inference = card["inference"]
-    if "per_case" in inference:
-        lines += [f"`{inference['command']}` ({inference['machine']}; {inference['note']}):", "",
-                  "| CT | seconds | peak memory (GB) | MONAI-bundle style (s) |", "|---|---|---|---|"]
-        lines += [f"| {case} {'x'.join(map(str, row['shape']))} | {row['seconds']} "
-                  f"| {row['peak_memory_mb'] / 1000:.2f} | {row['monai_bundle_style_seconds']} |"
-                  for case, row in inference["per_case"].items()]
-    else:
-        lines.append(inference["status"])
+    lines += ["", "## Inference speed and memory", *inference_markdown(card["inference"])]
     lines += ["", "## Known limits", *(f"- {item}" for item in card["limits"]), ""]
     return "\n".join(lines)
 

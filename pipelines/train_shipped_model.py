@@ -171,6 +171,17 @@ def inference_figures(weights: Path) -> dict:
     }
 
 
+def inference_markdown(inference: dict) -> list[str]:
+    """A card's speed and memory section (from inference_figures) as Markdown lines."""
+    if "per_case" not in inference:
+        return [inference["status"]]
+    return [f"`{inference['command']}` ({inference['machine']}; {inference['note']}):", "",
+            "| CT | seconds | peak memory (GB) | MONAI-bundle style (s) |", "|---|---|---|---|",
+            *(f"| {case} {'x'.join(map(str, row['shape']))} | {row['seconds']} "
+              f"| {row['peak_memory_mb'] / 1000:.2f} | {row['monai_bundle_style_seconds']} |"
+              for case, row in inference["per_case"].items())]
+
+
 def package(work: Path, config: Path) -> None:
     from liverseg import __version__
     from liverseg.bundle import CARD_FILE, load_bundle, save_bundle
@@ -255,16 +266,7 @@ def card_markdown(card: dict) -> str:
     for case, row in card["cross_validation"]["per_case"].items():
         lines.append(f"| {case} | {row['liver_dice']:.4f} | {row['liver_hd95_mm']:.1f} "
                      f"| {row['tumour_dice']:.4f} |")
-    lines += ["", "## Inference speed and memory"]
-    inference = card["inference"]
-    if "per_case" in inference:
-        lines += [f"`{inference['command']}` ({inference['machine']}; {inference['note']}):", "",
-                  "| CT | seconds | peak memory (GB) | MONAI-bundle style (s) |", "|---|---|---|---|"]
-        lines += [f"| {case} {'x'.join(map(str, row['shape']))} | {row['seconds']} "
-                  f"| {row['peak_memory_mb'] / 1000:.2f} | {row['monai_bundle_style_seconds']} |"
-                  for case, row in inference["per_case"].items()]
-    else:
-        lines.append(inference["status"])
+    lines += ["", "## Inference speed and memory", *inference_markdown(card["inference"])]
     lines += ["", "## Known limits"] + [f"- {item}" for item in card["limits"]]
     return "\n".join(lines) + "\n"
 
