@@ -116,7 +116,9 @@ def card_markdown(card: dict) -> str:
         "", "## Training", f"- recipe: `{card['config']}`; command: `{card['command']}`",
         *(f"- {k}: {v}" for k, v in card["training"].items()
           if k not in ("machine", "stages") and v is not None),
-        *(f"- stage {stage['run']}: {stage['iterations']} steps, {stage['seconds'] / 60:.0f} min"
+        *(f"- stage {stage['run']}: {stage['iterations']} steps of "
+          f"{'x'.join(map(str, stage['patch_size']))} patches at learning rate {stage['lr']:g}, "
+          f"{stage['seconds'] / 60:.0f} min"
           for stage in card["training"].get("stages") or []),
         "", "## Held-out liver Dice (native grid), beside the teacher", "",
         "| case | model | " + " | ".join(SHIFT_NAMES.values()) + " | tumour Dice |",

@@ -166,7 +166,8 @@ def average_stages(work: Path, name: str) -> Path:
         **cards[-1],
         "name": out.name,
         "weights": "mean of the weights of the stages below",
-        "stages": [{"run": stage.name, **{k: c.get(k) for k in ("iterations", "seconds", "command")}}
+        "stages": [{"run": stage.name, "iterations": c.get("iterations"), "seconds": c.get("seconds"),
+                    "patch_size": c["config"]["train"]["patch_size"], "lr": c["config"]["train"]["lr"]}
                    for stage, c in zip(stages, cards, strict=True)],
         **{key: round(sum(c.get(key) or 0 for c in cards), 2)
            for key in ("iterations", "seconds", "cpu_seconds")},
