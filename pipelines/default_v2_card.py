@@ -37,6 +37,12 @@ def unmet_bars(table: dict[str, dict[str, dict]]) -> list[str]:
     return missed
 
 
+def bars_status(table: dict[str, dict[str, dict]], expert_cases: list[str]) -> dict:
+    """The card's ``bars_missed`` (cases not held out yet among them) and ``status``."""
+    missed = unmet_bars(table) + [f"{case}: not held out yet" for case in expert_cases if case not in table]
+    return {"status": "provisional" if missed else "meets the v2 bars", "bars_missed": missed}
+
+
 def package(final: Path, table: dict[str, dict[str, dict]], approach: str, config: str,
             expert_cases: list[str]) -> Path:
     """``final`` (the recipe's model trained on every case) -> liverseg/models/liver_default."""
@@ -46,7 +52,6 @@ def package(final: Path, table: dict[str, dict[str, dict]], approach: str, confi
     bundle = load_bundle(final)
     train_card = json.loads((final / CARD_FILE).read_text())
     voxel = "x".join(f"{v:g}" for v in bundle.plan.preprocess.target_spacing) + " mm"
-    missed = unmet_bars(table) + [f"{case}: not held out yet" for case in expert_cases if case not in table]
     card = {
         "name": "liver_default",
         "version": f"{__version__}-v2-{time.strftime('%Y%m%d')}",
@@ -84,8 +89,7 @@ def package(final: Path, table: dict[str, dict[str, dict]], approach: str, confi
             "scored the same way. Each row names the model measured.",
             "per_case": table,
         },
-        "status": "provisional" if missed else "meets the v2 bars",
-        "bars_missed": missed,
+        **bars_status(table, expert_cases),
         "limits": [
             "Four expert CTs (two healthy livers, two with tumours): expect errors on anatomy unlike them.",
             "Tumour segmentation is weak (two training cases with tumours, plus synthetic ones).",
@@ -143,9 +147,10 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-def refresh_card() -> None:
+def refresh_card(table: dict[str, dict[str, dict]] | None = None, expert_cases: list[str] = ()) -> None:
     """The shipped card's speed and memory, re-read from pipelines/results/bench_infer.json (which
-    must have timed the shipped weights); nothing else of the bundle changes."""
+    must have timed the shipped weights), and, given the recipe's latest cross-validation, its
+    per-case table, the bars missed and the status; the weights do not change."""
     from train_shipped_model import inference_figures
 
     from liverseg.bundle import CARD_FILE, CARD_MD_FILE
@@ -156,6 +161,10 @@ def refresh_card() -> None:
     if "per_case" not in card["inference"]:
         sys.exit("pipelines/results/bench_infer.json did not time the packaged weights: run "
                  "`OMP_NUM_THREADS=2 python pipelines/bench_infer.py --repeats 3`, then this card stage")
+    if table is not None:
+        card["cross_validation"]["per_case"] = table
+        card.update(bars_status(table, expert_cases))
     write_text_atomic(PACKAGE_DIR / CARD_FILE, json.dumps(card, indent=2) + "\n")
     write_text_atomic(PACKAGE_DIR / CARD_MD_FILE, card_markdown(card))
-    print(f"refreshed the speed figures of {PACKAGE_DIR / CARD_FILE}")
+    what = "speed figures and cross-validation" if table is not None else "speed figures"
+    print(f"refreshed the {what} of {PACKAGE_DIR / CARD_FILE}")

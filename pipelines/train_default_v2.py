@@ -537,10 +537,11 @@ def main() -> None:
         evaluate(args.work, args.approach or "distill", tuple(args.shifts))
     elif args.stage == "package":
         package(args.work, args.approach or "distill")
-    elif args.stage == "card":  # after pipelines/bench_infer.py timed the packaged weights
+    elif args.stage == "card":  # after bench_infer.py timed the packaged weights; CV rows may be newer
         from default_v2_card import refresh_card
 
-        refresh_card()
+        cv = args.work / f"cv_{args.approach or 'distill'}.json"
+        refresh_card(_cv_table(args.work, args.approach or "distill") if cv.is_file() else None, EXPERT_CASES)
     shutil.rmtree(args.work / "tmp", ignore_errors=True)
 
 
