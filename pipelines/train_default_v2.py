@@ -487,7 +487,7 @@ def _cv_table(work: Path, approach: str) -> dict[str, dict[str, dict]]:
     for key, row in ours.items():
         case, shift = key.split("/")
         table.setdefault(case, {})[shift] = {"model": row, "teacher": theirs.get(key)}
-    return table
+    return dict(sorted(table.items()))  # cases in order, however often a fold was re-evaluated
 
 
 def package(work: Path, approach: str) -> Path:
