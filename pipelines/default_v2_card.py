@@ -9,6 +9,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def unmet_bars(table: dict[str, dict[str, dict]]) -> list[str]:
     return missed
 
 
-def bars_status(table: dict[str, dict[str, dict]], expert_cases: list[str]) -> dict:
+def bars_status(table: dict[str, dict[str, dict]], expert_cases: Sequence[str]) -> dict:
     """The card's ``bars_missed`` (cases not held out yet among them) and ``status``."""
     missed = unmet_bars(table) + [f"{case}: not held out yet" for case in expert_cases if case not in table]
     return {"status": "provisional" if missed else "meets the v2 bars", "bars_missed": missed}
@@ -147,7 +148,7 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-def refresh_card(table: dict[str, dict[str, dict]] | None = None, expert_cases: list[str] = ()) -> None:
+def refresh_card(table: dict[str, dict[str, dict]] | None = None, expert_cases: Sequence[str] = ()) -> None:
     """The shipped card's speed and memory, re-read from pipelines/results/bench_infer.json (which
     must have timed the shipped weights), and, given the recipe's latest cross-validation, its
     per-case table, the bars missed and the status; the weights do not change."""

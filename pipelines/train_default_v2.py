@@ -540,8 +540,9 @@ def main() -> None:
     elif args.stage == "card":  # after bench_infer.py timed the packaged weights; CV rows may be newer
         from default_v2_card import refresh_card
 
-        cv = args.work / f"cv_{args.approach or 'distill'}.json"
-        refresh_card(_cv_table(args.work, args.approach or "distill") if cv.is_file() else None, EXPERT_CASES)
+        approach = args.approach or "distill"
+        cv_known = (args.work / f"cv_{approach}.json").is_file()
+        refresh_card(_cv_table(args.work, approach) if cv_known else None, EXPERT_CASES)
     shutil.rmtree(args.work / "tmp", ignore_errors=True)
 
 
