@@ -143,8 +143,9 @@ class TrainConfig(_Strict):
     # Mixed precision on CUDA: bf16 autocast where the GPU supports it (no gradient scaler needed),
     # else fp16 with a gradient scaler.
     amp: bool = True
-    # bf16 autocast on the CPU (fast where the CPU has AVX512-BF16 or AMX; see pipelines/bench_train.py).
-    amp_cpu: bool = False
+    # bf16 autocast on the CPU: fast where the CPU has AVX512-BF16 or AMX (pipelines/bench_train.py),
+    # emulated and about 70x slower elsewhere; "auto" uses it only where it is native.
+    amp_cpu: Literal["auto"] | bool = False
     # Channels-last (NDHWC) memory layout for the network and its input.
     channels_last: bool = False
     # torch.compile the network for training (the first steps pay for compiling).
@@ -170,6 +171,13 @@ class TrainConfig(_Strict):
         if not 0 <= value[0] <= value[1]:
             raise ValueError(f"train.{info.field_name} must be [low, high] with 0 <= low <= high, "
                              f"got {list(value)}")
+        return value
+
+    @field_validator("amp_cpu", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value: Any) -> Any:
+        if value not in (True, False, "auto"):  # one message, not one per member of the union
+            raise ValueError(f"train.amp_cpu must be true, false or auto, got {value!r}")
         return value
 
 

@@ -27,7 +27,7 @@ from liverseg.config import PostprocessConfig
 from liverseg.errors import LiversegError
 from liverseg.io import Volume
 from liverseg.modelspace import SpatialRecord, to_model_space, to_native
-from liverseg.networks import network_margin, network_stride
+from liverseg.networks import cpu_computes_bf16, network_margin, network_stride
 from liverseg.postprocess import LIVER, TUMOUR, postprocess_labels
 
 # Thresholds of the "is this CT in HU?" check: any CT of a body holds air or fat (< -50 HU);
@@ -83,9 +83,8 @@ def resolve_precision(precision: str, device: str) -> str:
         return precision
     if device.startswith("cuda"):
         native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    else:  # torch's own CPU feature probes (private, hence the fallback when a build lacks them)
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        native = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    else:
+        native = cpu_computes_bf16()
     return "bfloat16" if native else "float32"
 
 

@@ -113,7 +113,7 @@ def prepare(work: Path) -> None:
 # The run's model is then the mean of the two stages' weights (folder ``<run>_avg``): one network,
 # as fast as either, better than the last stage alone on both folds measured (the 64^3 stage keeps
 # the liver whole, the 96^3 stage keeps the heart out; pipelines/results/default_v2_cv_cpu.json).
-CPU_SPEED = ["train.amp_cpu=true", "train.fast_norm=true"]
+CPU_SPEED = ["train.amp_cpu=auto", "train.fast_norm=true"]  # bf16 only where the CPU computes it
 CPU_STAGES = (
     ("_64", ["train.patch_size=[64,64,64]", "train.iterations=4000"]),
     ("", ["train.iterations=1500", "train.lr=0.0005"]),

@@ -42,6 +42,19 @@ def test_bf16_and_channels_last_train_like_float32(small_liver_cache: Path, tmp_
     assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
 
 
+def test_amp_cpu_auto_uses_bf16_only_where_the_cpu_computes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulated bf16 is about 70x slower than float32 (an AVX2 CPU): "auto" asks the CPU first."""
+    from liverseg import networks
+    from liverseg.errors import LiversegError
+
+    auto = load_config(CPU_SMALL, ["train.amp_cpu=auto"]).train
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(networks, "cpu_computes_bf16", lambda native=native: native)
+        assert networks.autocast_dtype(auto, torch.device("cpu")) == expected
+    with pytest.raises(LiversegError, match=r"train\.amp_cpu must be true, false or auto"):
+        load_config(CPU_SMALL, ["train.amp_cpu=sometimes"])
+
+
 def test_fast_norm_trains_like_instance_norm(small_liver_cache: Path, tmp_path: Path) -> None:
     """train.fast_norm swaps instance norm for the group-norm kernel: same losses, same state keys,
     and the bundle loads into the plain network."""
