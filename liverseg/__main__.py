@@ -1,6 +1,6 @@
 """``python -m liverseg`` (also what ``torchrun -m liverseg train`` runs)."""
 
-from liverseg.cli import app
+from liverseg.cli import run
 
 if __name__ == "__main__":
-    app()
+    run()

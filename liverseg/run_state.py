@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from liverseg.allocator import allocator_in_use
 from liverseg.bundle import save_bundle
 from liverseg.config import Config
 from liverseg.errors import LiversegError
@@ -126,7 +127,8 @@ def write_bundle(run: Run, state_dict: dict, progress: Progress, val: dict | Non
         "validation": ({"best_dice": progress.best, "best_iteration": progress.best_step, **(val or {})}
                        if run.val_ids else None),
         "machine": {"device": str(run.dev), "world_size": run.world, "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "allocator": allocator_in_use()},
         "licence": "Check the licences of the training data: models trained on 3D-IRCADb are for "
                    "non-commercial research use only.",
     }

@@ -10,6 +10,9 @@ the shared machine does not land on one side only):
   ``worker`` / ``fast_norm`` / ... -- the same with ``train.amp_cpu`` (bf16 autocast),
   ``train.channels_last``, ``train.compile``, ``train.num_workers=1`` (patches made in a worker
   process) or ``train.fast_norm`` (instance norm by the group-norm kernel), alone or combined;
+* ``SIDE@tcmalloc`` -- any side above run with tcmalloc preloaded (``LD_PRELOAD``, as
+  ``liverseg train`` does where tcmalloc is installed: liverseg/allocator.py); the others run with
+  glibc's malloc;
 * ``monai`` -- the textbook MONAI loop: CacheDataset(cases, Compose(same deterministic + random
   transforms)) -> DataLoader -> DynUNet -> DeepSupervisionLoss(DiceCELoss) -> AdamW with the same
   poly schedule and gradient clipping; nothing else.
@@ -187,10 +190,16 @@ def _paired(cache: Path, config_path: Path, rounds: int, sides: list[str]) -> di
 
 def _run_child(side: str, cache: Path, config: Path, steps: int, work: Path, fit: bool,
                seed: int = 0) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--cache", str(cache), "--config", str(config),
+    from liverseg.allocator import find_tcmalloc
+
+    variant, _, allocator = side.partition("@")
+    cmd = [sys.executable, __file__, "--child", variant, "--cache", str(cache), "--config", str(config),
            "--steps", str(steps), "--work", str(work), "--seed", str(seed), *(["--fit", "1"] if fit else [])]
+    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    if allocator == "tcmalloc":
+        env["LD_PRELOAD"] = find_tcmalloc() or ""  # main() checked that it is installed
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     out = proc.stdout.read() if proc.stdout else ""
     if status != 0:
@@ -212,7 +221,8 @@ def _summary(rows: list[dict], sides: list[str]) -> dict[str, dict]:
                   "it_per_s_p25": 1.0 / pooled[len(pooled) // 4],
                   "peak_mb": max(r["peak_mb"] for r in mine),
                   "all_it_per_s": [round(r["it_per_s"], 4) for r in mine],
-                  "load_1min": [round(r["load"], 1) for r in mine]}
+                  "load_1min": [round(r["load"], 1) for r in mine],
+                  "allocator": sorted({r["allocator"] for r in mine})}
         if "val_dice" in best:
             out[s]["val_dice"] = [r["val_dice"] for r in mine]
             out[s]["final_loss_mean10"] = [sum(r["losses"][-10:]) / len(r["losses"][-10:]) for r in mine]
@@ -238,6 +248,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
+        from liverseg.allocator import allocator_in_use
+
         started = time.perf_counter()
         if args.child == "monai":
             stamps = _child_monai(args.cache, args.config, args.steps, args.work, [], False)
@@ -248,7 +260,7 @@ def main() -> None:
         print(json.dumps({"startup_s": stamps["t1"] - started,
                           "it_per_s": (args.steps - FIRST_TIMED) / (stamps["tN"] - stamps["t1"]),
                           "step_s": [round(t, 4) for t in times],
-                          "load": os.getloadavg()[0],
+                          "load": os.getloadavg()[0], "allocator": allocator_in_use(),
                           **{k: v for k, v in stamps.items() if k not in ("t1", "tN", "stamps")}}))
         return
 
@@ -256,15 +268,22 @@ def main() -> None:
     from liverseg.preprocess import preprocess_dataset
 
     sides = args.variants.split(",")
-    unknown = [s for s in sides if s not in VARIANTS and s != "monai"]
+    unknown = [s for s in sides if s.partition("@")[0] not in [*VARIANTS, "monai"]
+               or s.partition("@")[2] not in ("", "tcmalloc")]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {[*VARIANTS, 'monai']}")
+    if any(s.endswith("@tcmalloc") for s in sides):
+        from liverseg.allocator import find_tcmalloc
+
+        if find_tcmalloc() is None:
+            raise SystemExit("the @tcmalloc sides need tcmalloc: apt-get install libtcmalloc-minimal4")
     cfg = load_config(args.config)
     report: dict = {"config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO)
                                   else args.config),
                     "steps": args.steps, "repeats": args.repeats,
                     "threads": os.environ.get("OMP_NUM_THREADS"), "cpu": _cpu_name(),
-                    "date": time.strftime("%Y-%m-%d"), "variants": {s: VARIANTS.get(s, []) for s in sides}}
+                    "date": time.strftime("%Y-%m-%d"),
+                    "variants": {s: VARIANTS.get(s.partition("@")[0], []) for s in sides}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         csv_path = work / "cases.csv"
@@ -282,7 +301,7 @@ def main() -> None:
                                FIT_CASE)
             preprocess_dataset(work / "fit_data", work / "fit_cache", cfg.preprocess, quiet=True)
         if args.paired:
-            paired_sides = [s for s in sides if s not in ("monai", "worker")]
+            paired_sides = [s for s in sides if s not in ("monai", "worker") and "@" not in s]
             report["paired"] = _paired(work / "cache", args.config, args.paired, paired_sides)
             print("\nstep alone, sides taking turns in one process (median s, x ours):")
             for side, row in report["paired"].items():

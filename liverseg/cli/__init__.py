@@ -5,9 +5,12 @@ Each subcommand lives in its own module and calls one library function of its st
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from liverseg import __version__
+from liverseg.allocator import reexec_with_tcmalloc
 from liverseg.cli import evaluate, infer, models, preprocess, score, train
 
 app = typer.Typer(
@@ -40,3 +43,10 @@ app.command("infer")(infer.command)
 app.command("score")(score.command)
 app.command("evaluate")(evaluate.command)
 app.command("models")(models.command)
+
+
+def run() -> None:
+    """The ``liverseg`` console script: ``liverseg train`` first moves to tcmalloc where it is
+    installed (liverseg.allocator), then every command runs as the app says."""
+    reexec_with_tcmalloc(sys.argv)
+    app()
