@@ -49,7 +49,10 @@ def preload_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]] | N
     if library is None:
         return None
     preload = " ".join(filter(None, [library, os.environ.get("LD_PRELOAD", "")]))
-    return [sys.executable, "-m", "liverseg", *argv[1:]], {**os.environ, "LD_PRELOAD": preload}
+    env = {**os.environ, "LD_PRELOAD": preload}
+    # tcmalloc reports every allocation over 1 GB on stderr (a large 3D batch makes some): not news.
+    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+    return [sys.executable, "-m", "liverseg", *argv[1:]], env
 
 
 def reexec_with_tcmalloc(argv: Sequence[str]) -> None:

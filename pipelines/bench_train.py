@@ -106,7 +106,7 @@ def _child_monai(cache: Path, config_path: Path, steps: int, work: Path, overrid
     from liverseg.preprocess import list_cached_cases, load_cached_case
     from liverseg.train_data import build_transforms
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     t = cfg.train
     set_determinism(seed=t.seed)
     fixed, augment = build_transforms(cfg)
@@ -142,7 +142,7 @@ def _child_monai(cache: Path, config_path: Path, steps: int, work: Path, overrid
             "stamps": [stamps[i] for i in range(1, steps + 1)]}
 
 
-def _paired(cache: Path, config_path: Path, rounds: int, sides: list[str]) -> dict:
+def _paired(cache: Path, config_path: Path, rounds: int, sides: list[str], overrides: list[str]) -> dict:
     """The training step alone (the loop's own ``_train_step`` on one real batch), each side's
     network in this one process, the sides taking turns step by step: every side meets the same
     load from the other agents, so the ratios hold however busy the machine is."""
@@ -154,7 +154,7 @@ def _paired(cache: Path, config_path: Path, rounds: int, sides: list[str]) -> di
     from liverseg.train_data import PatchNumbers, PatchStream, build_transforms, cached_cases
 
     set_track_meta(False)  # plain tensors, as in train()
-    base = load_config(config_path)
+    base = load_config(config_path, overrides)
     fixed, augment = build_transforms(base)
     cases = cached_cases(cache, ["tsexample"], fixed, 1.0)
     loader = torch.utils.data.DataLoader(PatchStream(cases, augment, 0), batch_size=base.train.batch_size,
@@ -163,7 +163,7 @@ def _paired(cache: Path, config_path: Path, rounds: int, sides: list[str]) -> di
     dev = torch.device("cpu")
     steps = {}
     for side in sides:
-        cfg = load_config(config_path, VARIANTS[side])
+        cfg = load_config(config_path, [*overrides, *VARIANTS[side]])
         torch.manual_seed(0)
         run = _Run(Path(), Path(), cache, cfg, cfg, None, [], [], dev, 0, 1, (0.0, 0.0))
         opt = _optimisation(cfg, dev)
@@ -189,12 +189,13 @@ def _paired(cache: Path, config_path: Path, rounds: int, sides: list[str]) -> di
 
 
 def _run_child(side: str, cache: Path, config: Path, steps: int, work: Path, fit: bool,
-               seed: int = 0) -> dict:
+               overrides: list[str], seed: int = 0) -> dict:
     from liverseg.allocator import find_tcmalloc
 
     variant, _, allocator = side.partition("@")
     cmd = [sys.executable, __file__, "--child", variant, "--cache", str(cache), "--config", str(config),
-           "--steps", str(steps), "--work", str(work), "--seed", str(seed), *(["--fit", "1"] if fit else [])]
+           "--steps", str(steps), "--work", str(work), "--seed", str(seed), *(["--fit", "1"] if fit else []),
+           *[arg for item in overrides for arg in ("--set", item)]]
     env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
     if allocator == "tcmalloc":
         env["LD_PRELOAD"] = find_tcmalloc() or ""  # main() checked that it is installed
@@ -240,6 +241,8 @@ def main() -> None:
     parser.add_argument("--fit-seeds", type=int, default=3, help="seeds of the accuracy check")
     parser.add_argument("--paired", type=int, default=0,
                         help="rounds of the in-process step-by-step comparison (0: none)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every side (repeatable), as liverseg train --set")
     parser.add_argument("--out", type=Path, default=REPO / "pipelines" / "results" / "bench_train.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -252,10 +255,11 @@ def main() -> None:
 
         started = time.perf_counter()
         if args.child == "monai":
-            stamps = _child_monai(args.cache, args.config, args.steps, args.work, [], False)
+            stamps = _child_monai(args.cache, args.config, args.steps, args.work, args.set, False)
         else:
-            stamps = _child_ours(args.cache, args.config, args.steps, args.work, VARIANTS[args.child],
-                                 bool(args.fit), seed=args.seed)
+            overrides = [*VARIANTS[args.child], *args.set]
+            stamps = _child_ours(args.cache, args.config, args.steps, args.work, overrides, bool(args.fit),
+                                 seed=args.seed)
         times = np.diff(stamps["stamps"][FIRST_TIMED - 1:]).tolist()
         print(json.dumps({"startup_s": stamps["t1"] - started,
                           "it_per_s": (args.steps - FIRST_TIMED) / (stamps["tN"] - stamps["t1"]),
@@ -277,9 +281,9 @@ def main() -> None:
 
         if find_tcmalloc() is None:
             raise SystemExit("the @tcmalloc sides need tcmalloc: apt-get install libtcmalloc-minimal4")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     report: dict = {"config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO)
-                                  else args.config),
+                                  else args.config), "set": args.set,
                     "steps": args.steps, "repeats": args.repeats,
                     "threads": os.environ.get("OMP_NUM_THREADS"), "cpu": _cpu_name(),
                     "date": time.strftime("%Y-%m-%d"),
@@ -302,7 +306,7 @@ def main() -> None:
             preprocess_dataset(work / "fit_data", work / "fit_cache", cfg.preprocess, quiet=True)
         if args.paired:
             paired_sides = [s for s in sides if s not in ("monai", "worker") and "@" not in s]
-            report["paired"] = _paired(work / "cache", args.config, args.paired, paired_sides)
+            report["paired"] = _paired(work / "cache", args.config, args.paired, paired_sides, args.set)
             print("\nstep alone, sides taking turns in one process (median s, x ours):")
             for side, row in report["paired"].items():
                 print(f"  {side:22s}{row['median_s']:8.3f}{row['speedup_median']:8.2f}")
@@ -317,7 +321,7 @@ def main() -> None:
                     run = work / f"{mode}-{side}{rep}"
                     run.mkdir()
                     rows.append(_run_child(side, work / ("fit_cache" if fit else "cache"), args.config, steps,
-                                           run, fit, seed=rep))
+                                           run, fit, args.set, seed=rep))
                     extra = f", val Dice {rows[-1]['val_dice']:.4f}" if fit else ""
                     print(f"  {mode} {side:18s} rep {rep}: {rows[-1]['it_per_s']:.3f} it/s, "
                           f"peak {rows[-1]['peak_mb']:.0f} MB{extra}", file=sys.stderr, flush=True)
