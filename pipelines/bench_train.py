@@ -63,7 +63,20 @@ VARIANTS = {
     "bf16_channels_last_worker": ["train.amp_cpu=true", "train.channels_last=true", "train.num_workers=1"],
     "bf16_channels_last_compile": ["train.amp_cpu=true", "train.channels_last=true", "train.compile=true"],
 }
+DEFAULT_SIDES = ("ours", "bf16", "channels_last", "bf16_channels_last", "compile", "bf16_compile", "worker",
+                 "monai")
 FIRST_TIMED = 2  # steps after this one are timed
+
+
+def default_sides() -> list[str]:
+    """DEFAULT_SIDES, less the bf16 ones on a CPU that would emulate bf16 (a step of hours on an
+    AVX2-only CPU; name them in --variants to time them anyway)."""
+    from liverseg.networks import cpu_computes_bf16
+
+    if cpu_computes_bf16():
+        return list(DEFAULT_SIDES)
+    print("this CPU has no native bf16 (AVX-512 BF16 or AMX): the bf16 sides are left out", file=sys.stderr)
+    return [side for side in DEFAULT_SIDES if "train.amp_cpu=true" not in VARIANTS.get(side, [])]
 FIT_CASE = "ircadb07"
 
 
@@ -235,8 +248,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "cpu_small.yaml")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variants", default="ours,bf16,channels_last,bf16_channels_last,compile,"
-                        "bf16_compile,worker,monai")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated sides (default: {','.join(DEFAULT_SIDES)}, less the bf16 "
+                        "ones where the CPU would emulate bf16)")
     parser.add_argument("--fit", type=int, default=0, help="steps of the accuracy check (0: none)")
     parser.add_argument("--fit-seeds", type=int, default=3, help="seeds of the accuracy check")
     parser.add_argument("--paired", type=int, default=0,
@@ -271,7 +285,7 @@ def main() -> None:
     from liverseg.config import load_config
     from liverseg.preprocess import preprocess_dataset
 
-    sides = args.variants.split(",")
+    sides = args.variants.split(",") if args.variants else default_sides()
     unknown = [s for s in sides if s.partition("@")[0] not in [*VARIANTS, "monai"]
                or s.partition("@")[2] not in ("", "tcmalloc")]
     if unknown:
