@@ -33,6 +33,9 @@ def test_averaged_bundle_holds_the_mean_weights_and_runs(tmp_path: Path, small_c
         assert torch.equal(got[key], ((a[key] + b[key]) / 2).half().float()), key
     assert not torch.equal(got["output_block.conv.conv.weight"], a["output_block.conv.conv.weight"])
     assert averaged.card == {"name": "mean"}
+    # Same size as a member: tensors the state dict names twice are stored once, as save_bundle does.
+    sizes = [(path / "model.pt").stat().st_size for path in (first, tmp_path / "mean")]
+    assert abs(sizes[1] - sizes[0]) < 0.01 * sizes[0], sizes
     volume = read_ct(small_ct)
     assert predict_volume(volume, averaged).labels.shape == volume.shape
 
