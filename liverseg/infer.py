@@ -132,14 +132,6 @@ def _flips(tta: bool, bundle: Bundle) -> list[tuple[int, ...]]:
     return [(), *((axis + 2,) for axis in axes)]
 
 
-def use_channels_last(bundle: Bundle, device_type: str, low_precision: bool) -> bool:
-    """Whether the network runs in channels-last (NDHWC) layout: DynUNet in float32 on the CPU, where
-    oneDNN's 3D convolutions ran 1.09-1.52x faster a case that way (2-core AVX2 EPYC, 2026-12-05;
-    labels agreeing on 99.998% of voxels). bfloat16 and other networks keep their layout: not
-    measured (tang2020 picks its own layout)."""
-    return device_type == "cpu" and not low_precision and bundle.plan.model.name == "dynunet"
-
-
 def model_probabilities(image: torch.Tensor, bundle: Bundle, *, device: str = "cpu",
                         overlap: float | None = None, tta: bool | None = None,
                         sw_batch_size: int | None = None, precision: str | None = None) -> torch.Tensor:
@@ -169,13 +161,8 @@ def model_probabilities(image: torch.Tensor, bundle: Bundle, *, device: str = "c
 
     low_precision = resolve_precision(precision or plan.precision, device) == "bfloat16"
     device_type = torch.device(device).type
-    channels_last = use_channels_last(bundle, device_type, low_precision)
-    if channels_last:
-        network.to(memory_format=torch.channels_last_3d)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            window = window.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=low_precision):
             logits = network(window)
         probabilities = torch.softmax(logits.float(), dim=1)

@@ -22,6 +22,7 @@ from liverseg.bundle import save_bundle
 from liverseg.config import Config
 from liverseg.errors import LiversegError
 from liverseg.io import atomic_path
+from liverseg.networks import autocast_dtype
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
@@ -128,7 +129,9 @@ def write_bundle(run: Run, state_dict: dict, progress: Progress, val: dict | Non
                        if run.val_ids else None),
         "machine": {"device": str(run.dev), "world_size": run.world, "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "allocator": allocator_in_use()},
+                    "allocator": allocator_in_use(),
+                    "precision": str(autocast_dtype(run.config.train, run.dev) or torch.float32)
+                    .removeprefix("torch.")},
         "licence": "Check the licences of the training data: models trained on 3D-IRCADb are for "
                    "non-commercial research use only.",
     }

@@ -65,6 +65,7 @@ def _train(cache: Path, run: Path, env_extra: dict[str, str]) -> tuple[str, list
     assert result.returncode == 0, result.stderr[-2000:]
     card = json.loads((run / "model_card.json").read_text())
     with (run / "log.csv").open(newline="") as f:
+        assert card["machine"]["precision"] == "float32"  # cpu_small trains without bf16 autocast
         return card["machine"]["allocator"], [row["loss"] for row in csv.DictReader(f)]
 
 
