@@ -109,9 +109,9 @@ def prepare(work: Path) -> None:
 # The CPU schedule (2 cores). The config's 96^3 patches (38 cm at 4 mm: an abdomen across, the
 # context that tells the liver's dome from the heart) cost 1.9 s a step on a CPU with AVX-512 BF16.
 # So a CPU run first learns on 64^3 patches (0.62 s a step there in bf16; 2.4 s in float32 with
-# tcmalloc on an AVX2-only EPYC, so about 2.7 h for the 4000 steps), then goes on with the
-# config's 96^3 patches from those weights at a quarter of the learning rate. On a GPU the config
-# runs as it is, 96^3 from the start.
+# tcmalloc on an AVX2-only EPYC, where 96^3 takes 8.5 s: a run's two stages about 6.3 h there),
+# then goes on with the config's 96^3 patches from those weights at a quarter of the learning rate.
+# On a GPU the config runs as it is, 96^3 from the start.
 # The run's model is then the mean of the two stages' weights (folder ``<run>_avg``): one network,
 # as fast as either, better than the last stage alone on both folds measured (the 64^3 stage keeps
 # the liver whole, the 96^3 stage keeps the heart out; pipelines/results/default_v2_cv_cpu.json).
