@@ -115,12 +115,21 @@ def prepare(work: Path) -> None:
 # The run's model is then the mean of the two stages' weights (folder ``<run>_avg``): one network,
 # as fast as either, better than the last stage alone on both folds measured (the 64^3 stage keeps
 # the liver whole, the 96^3 stage keeps the heart out; pipelines/results/default_v2_cv_cpu.json).
-CPU_SPEED = ["train.amp_cpu=auto", "train.fast_norm=true"]  # bf16 only where the CPU computes it
 CPU_STAGES = (
     ("_64", ["train.patch_size=[64,64,64]", "train.iterations=4000"]),
     ("", ["train.iterations=1500", "train.lr=0.0005"]),
 )
 AVERAGED = "_avg"
+
+
+def cpu_speed() -> list[str]:
+    """The CPU runs' speed switches. bf16 autocast only where the CPU computes bf16 natively
+    (``auto``). Where it does not, the runs train in float32 with channels-last: 1.23x the steps/s on
+    an AVX2 EPYC, with the same fit (pipelines/results/bench_train_avx2.json, _fit.json)."""
+    from liverseg.networks import cpu_computes_bf16
+
+    layout = [] if cpu_computes_bf16() else ["train.channels_last=true"]
+    return ["train.amp_cpu=auto", "train.fast_norm=true", *layout]
 
 
 def train(
@@ -133,7 +142,7 @@ def train(
     staged = [n for n in names if device == "cpu" and APPROACHES[table[n][0]]["cpu_stages"]]
     for stage, (suffix, overrides) in enumerate(CPU_STAGES if staged else ()):
         stage_overrides = {
-            name: [*CPU_SPEED, *overrides, *(extra or [])]
+            name: [*cpu_speed(), *overrides, *(extra or [])]
             + ([f"model.pretrained={work / 'runs' / (name + CPU_STAGES[stage - 1][0])}"] if stage else [])
             for name in staged
         }
