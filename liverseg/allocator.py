@@ -43,7 +43,7 @@ def preload_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]] | N
     """The command and environment that rerun ``argv`` (a ``liverseg`` command line, program name
     first) with tcmalloc preloaded; None when it should run as it is: not ``train``, opted out,
     tcmalloc already loaded, or not installed."""
-    if "train" not in argv[1:2] or os.environ.get(OPT_OUT) == "system" or allocator_in_use() != "system":
+    if list(argv[1:2]) != ["train"] or os.environ.get(OPT_OUT) == "system" or allocator_in_use() != "system":
         return None
     library = find_tcmalloc()
     if library is None:

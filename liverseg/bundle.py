@@ -191,13 +191,10 @@ def average_bundles(members: list[str | Path], directory: str | Path, card: dict
             raise LiversegError(f"cannot average with {last.path}: the network or the preprocessing "
                                 "differs", bundle.path)
     states = [bundle.network.state_dict() for bundle in bundles]
-    # One mean per tensor, not per key: DynUNet's state_dict names some tensors twice (see
-    # save_bundle), and a mean per key would store them twice (a bundle of twice the size).
-    means: dict[int, torch.Tensor] = {}
-    mean = {}
-    for key, value in states[-1].items():
-        if value.data_ptr() not in means:
-            means[value.data_ptr()] = (torch.stack([state[key] for state in states]).mean(0)
-                                       if value.is_floating_point() else value)
-        mean[key] = means[value.data_ptr()]
-    return save_bundle(directory, last.plan, mean, card=card)
+    mean = {key: torch.stack([state[key] for state in states]).mean(0) if value.is_floating_point()
+            else value for key, value in states[-1].items()}
+    # Saved from a network, not from the dict of means: DynUNet's state_dict names some tensors
+    # twice, and save_bundle stores such aliases once only when they are one tensor, as in a network
+    # (the dict's separate means made bundles of twice the size).
+    last.network.load_state_dict(mean)
+    return save_bundle(directory, last.plan, last.network.state_dict(), card=card)
